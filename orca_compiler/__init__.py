@@ -1,0 +1,32 @@
+"""orca_compiler: compile PyTorch models through a pass pipeline and Apache TVM.
+
+    import orca_compiler
+    compiled = orca_compiler.compile(model.eval(), (x,), pipeline="O1", target="llvm")
+    y = compiled(x)
+"""
+from __future__ import annotations
+
+from . import zoo
+from .api import compile
+from .errors import (
+    CaptureError, InputMismatchError, LoweringError, OrcaError, PassError, PipelineError, TargetError,
+    UnsupportedOpError, VerificationError,
+)
+from .ir import GraphIR
+from .pass_base import Pass, PassContext, PassResult, register_pass, registered_passes
+from .pipeline import NAMED_PIPELINES, format_pipeline, parse_pipeline
+from .runtime import CompiledModule
+
+__version__ = "0.1.0"
+
+from . import backend as _backend  # noqa: E402
+
+_backend.register()
+from . import passes  # noqa: E402,F401  (registers the pass library)
+
+__all__ = [
+    "compile", "CompiledModule", "GraphIR", "Pass", "PassContext", "PassResult", "register_pass",
+    "registered_passes", "parse_pipeline", "format_pipeline", "NAMED_PIPELINES", "zoo",
+    "OrcaError", "CaptureError", "PipelineError", "PassError", "VerificationError",
+    "UnsupportedOpError", "LoweringError", "TargetError", "InputMismatchError",
+]

@@ -1,0 +1,98 @@
+"""`orca_compiler.compile()`: capture -> passes -> lowering -> CompiledModule."""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .capture import capture
+from .errors import CaptureError, OrcaError
+from .instruments import Instrument
+from .pass_base import PassContext
+from .pass_manager import PassManager
+from .report import CompileReport
+from .runtime import CompiledModule, InputSignature
+
+_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config")
+
+
+def _normalize_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise OrcaError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    for i, value in enumerate(example_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise OrcaError(f"example_inputs[{i}] must be a tensor, got {type(value).__name__}")
+    return tuple(example_inputs)
+
+
+def compile(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    pipeline: str = "O1",
+    target: str | dict = "llvm",
+    **options: Any,
+) -> CompiledModule:
+    """Compile `model` for `target` and return a CompiledModule that is called like `model`.
+
+    `example_inputs` is a tuple of tensors with the shapes and dtypes the module will be called
+    with (shapes are static). `pipeline` is pipeline text or a named pipeline (O0..O3). Options:
+    `fullgraph` (default False: unsupported ops and capture failures fall back to eager and are
+    reported; True makes them errors), `verify_each` (verify the IR after every pass, default
+    True), `instruments` (a list of orca_compiler.instruments.Instrument), `pass_config` (a dict
+    handed to passes as ctx.config). Assumes an inference model (model.eval()).
+    """
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise OrcaError(f"unknown compile option(s) {', '.join(unknown)}; valid options: {', '.join(_OPTIONS)}")
+    from .lowering import lower, resolve_target
+    from .lowering.support import keep_op_in_capture
+
+    inputs = _normalize_inputs(example_inputs)
+    fullgraph = bool(options.get("fullgraph", False))
+    manager = PassManager(pipeline)  # parse first: a typo fails in milliseconds, not after capture
+    resolved = resolve_target(target)
+    report = CompileReport(pipeline=manager.text, target=str(resolved.tvm_target.kind.name))
+    t0 = time.perf_counter()
+    try:
+        captured = capture(model, inputs, keep_op=keep_op_in_capture)
+    except CaptureError as exc:
+        if fullgraph:
+            raise
+        from .graph_breaks import compile_with_graph_breaks
+
+        return compile_with_graph_breaks(model, inputs, exc, pipeline=manager.text, target=target,
+                                         report=report, options=options)
+    t1 = time.perf_counter()
+    report.capture_method = captured.method
+    report.capture_failures = captured.failed_attempts
+    ctx = PassContext(
+        example_inputs=inputs,
+        instruments=list(options.get("instruments") or []),
+        verify_each=bool(options.get("verify_each", True)),
+        config=dict(options.get("pass_config") or {}),
+    )
+    for inst in ctx.instruments:
+        if not isinstance(inst, Instrument):
+            raise OrcaError(f"instruments must be orca_compiler.instruments.Instrument objects, got {type(inst).__name__}")
+    ir, records = manager.run(captured.ir, ctx)
+    t2 = time.perf_counter()
+    lowered = lower(ir, resolved, fullgraph=fullgraph)
+    t3 = time.perf_counter()
+    report.passes = records
+    report.fallbacks = lowered.fallbacks
+    report.partitions = lowered.partitions
+    report.seconds = {"capture": t1 - t0, "passes": t2 - t1, "lowering": t3 - t2, "total": t3 - t0}
+    compiled = CompiledModule(
+        lowered.module,
+        signature=[InputSignature.of(t) for t in inputs],
+        in_spec=ir.in_spec,
+        out_spec=ir.out_spec,
+        report=report,
+        ir=ir,
+    )
+    compiled.executables = lowered.executables
+    return compiled

@@ -1,0 +1,168 @@
+"""Lower a GraphIR: build what TVM supports, leave the rest in eager PyTorch, report each fallback."""
+from __future__ import annotations
+
+import operator
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from ..errors import LoweringError, UnsupportedOpError
+from ..ir import GraphIR
+from ..printer import op_name
+from ..runtime import TVMGraphModule
+from .relax_build import build_executable
+from .support import unsupported_reason
+from .target import ResolvedTarget, resolve_target
+
+
+@dataclass
+class Fallback:
+    """One node that runs in eager PyTorch, and why."""
+
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"%{self.node} ({self.op}): {self.reason}"
+
+
+@dataclass
+class LoweredProgram:
+    """The runnable program (flat tensors in, tuple out) and what the lowering did."""
+
+    module: torch.nn.Module
+    target: ResolvedTarget
+    fallbacks: list[Fallback] = field(default_factory=list)
+    executables: list = field(default_factory=list)
+    partitions: int = 0
+    build_seconds: float = 0.0
+
+
+class _Supported(OperatorSupportBase):
+    def __init__(self, unsupported: dict):
+        self.unsupported_names = {n.name for n in unsupported}
+
+    def is_node_supported(self, submodules, node: fx.Node) -> bool:
+        if node.op != "call_function" or node.name in self.unsupported_names:
+            return False
+        if node.target is operator.getitem:  # a getitem goes with the tuple it reads
+            source = node.args[0]
+            return isinstance(source, fx.Node) and source.name not in self.unsupported_names
+        return True
+
+
+def _inline_weights(parent: fx.GraphModule, call: fx.Node) -> bool:
+    """Move weights a partition reads from the parent's get_attr into the partition itself, and
+    make the partition return a tuple. Returns whether it returned a bare value before.
+
+    The partitioner passes weights as inputs; as get_attr inside, TVM binds them as constants.
+    """
+    sub: fx.GraphModule = getattr(parent, call.target)
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    keep_args = []
+    for ph, arg in zip(placeholders, call.args):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            name = arg.target
+            if not hasattr(sub, name):
+                sub.register_buffer(name, getattr(parent, name))
+            with sub.graph.inserting_before(ph):
+                attr = sub.graph.get_attr(name)
+            attr.meta = dict(arg.meta)
+            ph.replace_all_uses_with(attr)
+            sub.graph.erase_node(ph)
+        else:
+            ph.meta = dict(arg.meta)
+            keep_args.append(arg)
+    call.args = tuple(keep_args)
+    out = next(n for n in sub.graph.nodes if n.op == "output")
+    single = not isinstance(out.args[0], (tuple, list))
+    if single:
+        out.args = ((out.args[0],),)
+    sub.recompile()
+    return single
+
+
+def _nodes_of(sub: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in sub.graph.nodes if n.op == "call_function"]
+
+
+def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False) -> LoweredProgram:
+    """Build `ir` for `target`.
+
+    Ops without a converter, or whose conversion TVM rejects, run in eager PyTorch between TVM
+    partitions and are listed in `fallbacks`; with `fullgraph=True` they raise
+    UnsupportedOpError / LoweringError naming the nodes instead.
+    """
+    resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
+    start = time.perf_counter()
+    rejected: dict[str, str] = {}  # node name -> why TVM's converter failed on it
+    while True:
+        unsupported = {}
+        for node in ir.compute_nodes():
+            reason = rejected.get(node.name) or unsupported_reason(node)
+            if reason is not None:
+                unsupported[node] = reason
+        if unsupported and fullgraph:
+            listing = "; ".join(f"%{n.name} ({op_name(n)}): {r}" for n, r in unsupported.items())
+            raise UnsupportedOpError(f"fullgraph=True but {len(unsupported)} op(s) cannot be lowered: {listing}")
+        try:
+            program = _build(ir, resolved, unsupported, fullgraph)
+        except LoweringError as exc:
+            node = getattr(exc, "node", None)
+            if fullgraph or node is None or node in rejected:
+                raise
+            rejected[node] = str(exc)  # retry with that node in eager
+            continue
+        program.fallbacks = [Fallback(n.name, op_name(n), r) for n, r in unsupported.items()] + program.fallbacks
+        program.build_seconds = time.perf_counter() - start
+        return program
+
+
+def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: bool) -> LoweredProgram:
+    if not unsupported:
+        try:
+            executable = build_executable(ir.gm, resolved, what="the graph")
+        except LoweringError as exc:
+            if fullgraph or getattr(exc, "node", None) is not None:
+                raise
+            fallbacks = [Fallback(n.name, op_name(n), str(exc)) for n in ir.compute_nodes()]
+            return LoweredProgram(ir.copy().gm, resolved, fallbacks)
+        return LoweredProgram(TVMGraphModule(executable, resolved), resolved, [], [executable], 1)
+
+    parent = ir.copy().gm
+    partitioner = CapabilityBasedPartitioner(parent, _Supported(unsupported), allows_single_node_partition=True)
+    # Partitions of only getitem glue are not worth a TVM call.
+    partitions = [p for p in partitioner.propose_partitions() if any(op_name(n) != "getitem" for n in p.nodes)]
+    parent = partitioner.fuse_partitions(partitions)
+    fallbacks, executables = [], []
+    for call in [n for n in parent.graph.nodes if n.op == "call_module"]:
+        single_output = _inline_weights(parent, call)
+        sub = getattr(parent, call.target)
+        names = [f"%{n.name}" for n in _nodes_of(sub)]
+        what = f"partition '{call.target}' ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
+        try:
+            executable = build_executable(sub, resolved, what=what)
+        except LoweringError as exc:
+            if fullgraph or getattr(exc, "node", None) is not None:
+                raise
+            fallbacks.extend(Fallback(n.name, op_name(n), str(exc)) for n in _nodes_of(sub))
+            continue
+        executables.append(executable)
+        setattr(parent, call.target, TVMGraphModule(executable, resolved))
+        if single_output:
+            _take_first_result(parent, call)
+    parent.graph.lint()
+    parent.recompile()
+    return LoweredProgram(parent, resolved, fallbacks, executables, len(executables))
+
+
+def _take_first_result(parent: fx.GraphModule, call: fx.Node) -> None:
+    """Users of a one-output partition expect a bare value; a TVM partition returns a tuple."""
+    with parent.graph.inserting_after(call):
+        first = parent.graph.call_function(operator.getitem, (call, 0))
+    call.replace_all_uses_with(first, delete_user_cb=lambda user: user is not first)

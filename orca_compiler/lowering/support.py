@@ -1,0 +1,72 @@
+"""Which ATen ops the lowering converts natively (TVM's ExportedProgram importer plus our own).
+
+Ops outside this set are decomposed at capture where PyTorch can, and otherwise run in eager
+PyTorch as a fallback partition.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+# TVM 0.27 converts these names but gets them wrong; capture decomposes them instead.
+# - batch_norm.default: converted with training-mode statistics (max error ~0.1 on a conv+bn net);
+#   its decomposition _native_batch_norm_legit_no_training is exact.
+# - lstm.input / gru.input: the converters handle one layer only ("Multi-layer LSTM is not yet
+#   supported"); PyTorch's decomposition unrolls the time steps into ops TVM converts (the RNN
+#   pass family replaces this with a real loop).
+KNOWN_WRONG = frozenset({"batch_norm.default", "lstm.input", "gru.input"})
+
+# Our own ops (fused kernels from later passes) register converters here: name -> converter,
+# in the format of TVM's custom_convert_map: fn(node, importer) -> relax.Var.
+_CUSTOM_CONVERTERS: dict[str, Callable] = {}
+
+
+def register_converter(op_name: str, converter: Callable) -> None:
+    """Register a Relax converter for one of our own torch ops ("namespace::name" overload name)."""
+    _CUSTOM_CONVERTERS[op_name] = converter
+    native_op_names.cache_clear()
+
+
+def custom_converters() -> dict[str, Callable]:
+    return dict(_CUSTOM_CONVERTERS)
+
+
+@functools.lru_cache(maxsize=1)
+def native_op_names() -> frozenset[str]:
+    """Names (`conv2d.default` form, as TVM's importer keys them) the lowering can convert."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    names = set(ExportedProgramImporter().create_convert_map()) - KNOWN_WRONG
+    return frozenset(names | set(_CUSTOM_CONVERTERS))
+
+
+def op_key(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+def keep_op_in_capture(op: torch._ops.OpOverload) -> bool:
+    """For capture: keep `op` whole (do not decompose it) because the lowering converts it."""
+    return op_key(op) in native_op_names()
+
+
+def unsupported_reason(node: fx.Node) -> str | None:
+    """None if the node can be lowered; else a sentence saying why not."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        source = node.args[0]
+        if isinstance(source, fx.Node) and unsupported_reason(source) is not None:
+            return "reads an output of an op that runs in eager"
+        return None
+    if op_key(node.target) not in native_op_names():
+        return f"no TVM converter for {node.target}"
+    for value in [node.meta.get("val")]:
+        leaves = value if isinstance(value, (tuple, list)) else [value]
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and (leaf.is_complex() or leaf.is_sparse):
+                return f"{leaf.dtype} {'sparse ' if leaf.is_sparse else ''}tensors are not lowered"
+    return None

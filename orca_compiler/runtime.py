@@ -1,0 +1,110 @@
+"""Runtime: nn.Modules that run TVM-built code on torch tensors (DLPack, no copies)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import InputMismatchError, TargetError
+
+
+class TVMGraphModule(torch.nn.Module):
+    """One built Relax executable as an nn.Module: flat tensors in, a tuple of tensors out.
+
+    The VirtualMachine is created on first call, so a module built for CUDA can exist (and be
+    inspected) on a machine without a GPU; calling it there raises TargetError.
+    """
+
+    def __init__(self, executable, target, name: str = "main"):
+        super().__init__()
+        self.executable = executable
+        self.target = target
+        self.name = name
+        self._fn = None
+
+    def _function(self):
+        if self._fn is None:
+            from tvm import relax
+
+            device = self.target.device()
+            if not device.exist:
+                raise TargetError(
+                    f"this module was built for {self.target.kind} but this machine has no {self.target.kind} device"
+                )
+            self._vm = relax.VirtualMachine(self.executable, device)
+            self._fn = self._vm[self.name]
+        return self._fn
+
+    def forward(self, *inputs: torch.Tensor) -> tuple:
+        fn = self._function()
+        result = fn(*(t if t.is_contiguous() else t.contiguous() for t in inputs))
+        return tuple(torch.from_dlpack(r) for r in result)
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """Shape, dtype and device of one input, as compiled."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: str
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "InputSignature":
+        return cls(tuple(tensor.shape), tensor.dtype, tensor.device.type)
+
+    def check(self, index: int, tensor) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise InputMismatchError(f"input {index}: expected a tensor, got {type(tensor).__name__}")
+        problems = []
+        if tuple(tensor.shape) != self.shape:
+            problems.append(f"shape {tuple(tensor.shape)} (compiled for {self.shape})")
+        if tensor.dtype != self.dtype:
+            problems.append(f"dtype {tensor.dtype} (compiled for {self.dtype})")
+        if tensor.device.type != self.device:
+            problems.append(f"device {tensor.device.type} (compiled for {self.device})")
+        if problems:
+            raise InputMismatchError(f"input {index}: " + ", ".join(problems))
+
+
+class CompiledModule(torch.nn.Module):
+    """What `orca_compiler.compile` returns: call it like the original model.
+
+    `report` holds the pipeline, per-pass statistics and the ops that fell back to eager;
+    `print_ir()` shows the IR after the pipeline.
+    """
+
+    def __init__(self, program: torch.nn.Module, *, signature, in_spec, out_spec, report, ir=None):
+        super().__init__()
+        self.program = program
+        self.signature = list(signature)
+        self.in_spec = in_spec
+        self.out_spec = out_spec
+        self.report = report
+        self.ir = ir
+
+    def forward(self, *args, **kwargs):
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if self.in_spec is not None and spec != self.in_spec:
+            raise InputMismatchError(
+                f"called with {len(flat)} input leaves in a different structure than compiled "
+                f"({len(self.signature)} inputs); compiled for {self.in_spec}"
+            )
+        if len(flat) != len(self.signature):
+            raise InputMismatchError(f"expected {len(self.signature)} inputs, got {len(flat)}")
+        for i, (sig, tensor) in enumerate(zip(self.signature, flat)):
+            sig.check(i, tensor)
+        with torch.no_grad():
+            outputs = self.program(*flat)
+        if self.out_spec is None:
+            return outputs[0] if len(outputs) == 1 else outputs
+        return pytree.tree_unflatten(list(outputs), self.out_spec)
+
+    def print_ir(self, file=None) -> str:
+        """Print (and return) the IR after the pipeline, one line per node."""
+        from .printer import format_ir
+
+        text = format_ir(self.ir) if self.ir is not None else "<no IR: compiled through graph breaks>\n"
+        print(text, end="", file=file)
+        return text
