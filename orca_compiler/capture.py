@@ -72,8 +72,8 @@ def capture(
         except Exception as exc:  # export raises many types (UserError, Unsupported, RuntimeError...)
             attempts.append((method, _first_line(exc)))
             continue
-        _check_no_mutation(ep)
         ep = _decompose(ep, keep_op)
+        _check_no_mutation(ep)  # functionalization (in the decomposition) exposes in-place updates
         return CaptureResult(from_exported_program(ep), method, attempts)
     detail = "; ".join(f"{m}: {e}" for m, e in attempts)
     raise CaptureError(f"could not capture {type(model).__name__}: {detail}")

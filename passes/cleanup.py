@@ -18,7 +18,9 @@ class DeadCodeElimination(Pass):
 
     def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
         before = len(ir.graph.nodes)
-        ir.graph.eliminate_dead_code()
+        # Keep get_attr nodes here: drop_unused_weights erases them and frees their tensors (fx's
+        # DCE would erase them but leave the tensors registered, and they would not be counted).
+        ir.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "get_attr" or n.is_impure())
         weights = ir.drop_unused_weights()
         removed = before - len(ir.graph.nodes)
         return PassResult(ir, removed > 0, {"nodes_removed": removed - weights, "weights_removed": weights})

@@ -39,10 +39,15 @@ class FoldConstants(Pass):
 
     def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
         const: dict[fx.Node, object] = {}
+        # Elements of stored weights each constant is computed from: a constant left unfolded (an
+        # `expand` too large to store) is computed at run time from the weights it reads, so an op
+        # on it must be measured against those weights, not against the unfolded result.
+        stored: dict[fx.Node, int] = {}
         folded = 0
         for node in list(ir.graph.nodes):
             if node.op == "get_attr":
                 const[node] = ir.weight(node)
+                stored[node] = sum(t.numel() for t in iter_tensor_vals(const[node]))
                 continue
             inputs = node.all_input_nodes
             if not _is_foldable_op(node) or not all(n in const for n in inputs):
@@ -51,23 +56,26 @@ class FoldConstants(Pass):
             with torch.no_grad():
                 value = node.target(*args, **kwargs)
             const[node] = value
-            if not isinstance(value, torch.Tensor) or not self._worth_folding(node, value, inputs):
+            read = sum(stored[n] for n in inputs)
+            stored[node] = read
+            if not isinstance(value, torch.Tensor) or not self._worth_folding(node, value, inputs, read):
                 continue
             with ir.graph.inserting_before(node):
                 weight = ir.add_weight(f"folded_{node.name}", value)
             node.replace_all_uses_with(weight)
             ir.graph.erase_node(node)
             const[weight] = value
+            stored[weight] = value.numel()
             folded += 1
         if folded:
-            ir.graph.eliminate_dead_code()
+            # get_attr nodes are left to drop_unused_weights, which also frees their tensors.
+            ir.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "get_attr" or n.is_impure())
             ir.drop_unused_weights()
         return PassResult(ir, folded > 0, {"folded": folded})
 
-    def _worth_folding(self, node: fx.Node, value: torch.Tensor, inputs: list[fx.Node]) -> bool:
+    def _worth_folding(self, node: fx.Node, value: torch.Tensor, inputs: list[fx.Node], read: int) -> bool:
         if any(user.op == "output" for user in node.users) and not inputs:
             return True
         if value.numel() <= self.options.always_fold_numel:
             return True
-        read = sum(t.numel() for n in inputs for t in iter_tensor_vals(n.meta.get("val")))
         return value.numel() <= self.options.max_growth * max(read, 1)

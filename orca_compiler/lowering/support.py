@@ -20,37 +20,49 @@ import torch.fx as fx
 #   pass family replaces this with a real loop).
 KNOWN_WRONG = frozenset({"batch_norm.default", "lstm.input", "gru.input"})
 
-# Our own ops (fused kernels from later passes) register converters here: name -> converter,
-# in the format of TVM's custom_convert_map: fn(node, importer) -> relax.Var.
-_CUSTOM_CONVERTERS: dict[str, Callable] = {}
+# Our own ops (fused kernels from later passes) register converters here, in the format of TVM's
+# custom_convert_map: fn(node, importer) -> relax.Var. Keyed by the op itself: TVM's importer keys
+# by `__name__` alone ("wiggle.default"), which would let a custom op shadow an aten op's converter.
+_CUSTOM_CONVERTERS: dict[torch._ops.OpOverload, Callable] = {}
 
 
-def register_converter(op_name: str, converter: Callable) -> None:
-    """Register a Relax converter for one of our own torch ops ("namespace::name" overload name)."""
-    _CUSTOM_CONVERTERS[op_name] = converter
-    native_op_names.cache_clear()
+def register_converter(op: torch._ops.OpOverload, converter: Callable) -> None:
+    """Register a Relax converter for one of our own torch ops (a torch.library OpOverload)."""
+    _CUSTOM_CONVERTERS[op] = converter
+
+
+def unregister_converter(op: torch._ops.OpOverload) -> None:
+    _CUSTOM_CONVERTERS.pop(op, None)
 
 
 def custom_converters() -> dict[str, Callable]:
-    return dict(_CUSTOM_CONVERTERS)
+    """The registered converters keyed the way TVM's importer looks them up."""
+    return {op.__name__: fn for op, fn in _CUSTOM_CONVERTERS.items()}
 
 
 @functools.lru_cache(maxsize=1)
 def native_op_names() -> frozenset[str]:
-    """Names (`conv2d.default` form, as TVM's importer keys them) the lowering can convert."""
+    """aten op names (`conv2d.default`, as TVM's importer keys them) the lowering converts."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    names = set(ExportedProgramImporter().create_convert_map()) - KNOWN_WRONG
-    return frozenset(names | set(_CUSTOM_CONVERTERS))
+    return frozenset(set(ExportedProgramImporter().create_convert_map()) - KNOWN_WRONG)
 
 
 def op_key(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def _is_convertible(target) -> bool:
+    if target in _CUSTOM_CONVERTERS:
+        return True
+    if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
+        return False
+    return op_key(target) in native_op_names()
+
+
 def keep_op_in_capture(op: torch._ops.OpOverload) -> bool:
     """For capture: keep `op` whole (do not decompose it) because the lowering converts it."""
-    return op_key(op) in native_op_names()
+    return _is_convertible(op)
 
 
 def unsupported_reason(node: fx.Node) -> str | None:
@@ -62,7 +74,7 @@ def unsupported_reason(node: fx.Node) -> str | None:
         if isinstance(source, fx.Node) and unsupported_reason(source) is not None:
             return "reads an output of an op that runs in eager"
         return None
-    if op_key(node.target) not in native_op_names():
+    if not _is_convertible(node.target):
         return f"no TVM converter for {node.target}"
     for value in [node.meta.get("val")]:
         leaves = value if isinstance(value, (tuple, list)) else [value]

@@ -1,0 +1,28 @@
+# orca_compiler developer commands. `make demo` and `make test` set everything up on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install. torch==2.13.0 resolves to the CPU build on our machines (a local
+# wheel); set TORCH_SPEC="torch" (or a CUDA index) for another build. The package itself only
+# requires torch>=2.5.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/orca demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,144 @@
+"""The `orca` command line: list passes and models, compile a model, run the demo."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+import typing
+
+
+def _cmd_passes(args) -> int:
+    from .pass_base import registered_passes
+    from .pipeline import NAMED_PIPELINES
+
+    for name, cls in registered_passes().items():
+        print(f"{name:<18} {cls.summary()}")
+        hints = typing.get_type_hints(cls.Options)
+        for fld in dataclasses.fields(cls.Options):
+            typ = getattr(hints.get(fld.name), "__name__", str(hints.get(fld.name)))
+            print(f"{'':<20}{fld.name}: {typ} = {fld.default!r}")
+    print("\nnamed pipelines:")
+    for name, text in NAMED_PIPELINES.items():
+        print(f"  {name}: {text or '(no passes)'}")
+    return 0
+
+
+def _cmd_zoo(args) -> int:
+    from . import zoo
+
+    for name in zoo.names():
+        _, inputs = zoo.get(name)
+        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
+        print(f"{name:<12} {zoo.describe(name)}  inputs {shapes}")
+    return 0
+
+
+def load_model(spec: str):
+    """A zoo name, or `path/to/file.py:function` where function() returns (model, example_inputs)."""
+    from . import zoo
+    from .errors import OrcaError
+
+    if ":" not in spec:
+        return zoo.get(spec)
+    path, func = spec.rsplit(":", 1)
+    module_spec = importlib.util.spec_from_file_location("orca_user_model", path)
+    if module_spec is None or module_spec.loader is None:
+        raise OrcaError(f"cannot load {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, func):
+        raise OrcaError(f"{path} has no function {func!r}")
+    model, inputs = getattr(module, func)()
+    return model.eval(), tuple(inputs)
+
+
+def _cmd_compile(args) -> int:
+    import torch
+
+    from .api import compile as orca_compile
+    from .demo import max_abs_error
+    from .instruments import PassTimer, PrintIRAfter
+
+    model, inputs = load_model(args.model)
+    instruments = []
+    timer = PassTimer()
+    if args.time_passes:
+        instruments.append(timer)
+    if args.print_ir_after_all:
+        instruments.append(PrintIRAfter(stream=sys.stdout))
+    compiled = orca_compile(model, inputs, pipeline=args.pipeline, target=args.target,
+                            fullgraph=args.fullgraph, instruments=instruments)
+    print(compiled.report)
+    if args.time_passes:
+        print(timer.table())
+    if args.print_ir:
+        compiled.print_ir()
+    if args.emit_cuda_source:
+        from .lowering.relax_build import cuda_source
+
+        with open(args.emit_cuda_source, "w") as f:
+            for executable in compiled.executables:
+                f.write(cuda_source(executable))
+        print(f"CUDA source written to {args.emit_cuda_source}")
+    if compiled.report.target != "cuda":
+        with torch.no_grad():
+            print(f"max abs error against eager: {max_abs_error(model(*inputs), compiled(*inputs)):.3e}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.models or None, pipeline=args.pipeline, target=args.target, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orca", description="orca_compiler: compile PyTorch models through TVM.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("passes", help="list every registered pass with its summary and options")
+    p.set_defaults(fn=_cmd_passes)
+
+    p = sub.add_parser("zoo", help="list the bundled models")
+    p.set_defaults(fn=_cmd_zoo)
+
+    p = sub.add_parser("compile", help="compile a zoo model (or file.py:function) and print the report")
+    p.add_argument("model", help="zoo name, or path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("--pipeline", default="O1", help="pipeline text or O0..O3 (default O1)")
+    p.add_argument("--target", default="llvm", help="llvm (default) or cuda")
+    p.add_argument("--fullgraph", action="store_true", help="fail instead of falling back to eager")
+    p.add_argument("--print-ir", action="store_true", help="print the IR after the pipeline")
+    p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
+    p.add_argument("--time-passes", action="store_true", help="print a table of time per pass")
+    p.add_argument("--emit-cuda-source", metavar="FILE", help="write the generated CUDA source (cuda target)")
+    p.set_defaults(fn=_cmd_compile)
+
+    p = sub.add_parser("demo", help="compile the zoo; print eager vs orca latency, speedup, max abs error")
+    p.add_argument("models", nargs="*", help="zoo names (default: all)")
+    p.add_argument("--pipeline", default="O1")
+    p.add_argument("--target", default="llvm")
+    p.add_argument("--repeats", type=int, default=20)
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `orca` console script; OrcaErrors print as one line and exit 2."""
+    from .errors import OrcaError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except OrcaError as exc:
+        print(f"orca: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

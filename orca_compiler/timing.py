@@ -1,0 +1,28 @@
+"""Latency measurement shared by the demo and the benchmark: interleaved, warmed up, median."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3,
+                     min_seconds: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of each function, calling them round-robin so that machine noise
+    hits all alike. Runs at least `repeats` rounds (and at least `min_seconds` in total)."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < repeats or time.perf_counter() - start < min_seconds:
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+            rounds += 1
+    return {name: statistics.median(values) for name, values in samples.items()}

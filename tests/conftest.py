@@ -1,0 +1,26 @@
+"""Shared test helpers: numeric comparison of output pytrees against eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+# fp32 through TVM: reductions are reordered and BN is folded in float64 then rounded, so results
+# differ from eager by rounding only. These bounds are ~100x the errors we measure (<= 3e-7).
+RTOL = 1e-4
+ATOL = 1e-5
+
+
+def assert_outputs_close(expected, actual, rtol: float = RTOL, atol: float = ATOL) -> None:
+    """Assert two output pytrees have the same structure and close tensor leaves."""
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    act_leaves, act_spec = pytree.tree_flatten(actual)
+    assert exp_spec == act_spec, f"output structure differs: {act_spec} vs eager {exp_spec}"
+    for e, a in zip(exp_leaves, act_leaves):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield

@@ -1,0 +1,154 @@
+"""Unsupported ops and capture failures fall back to eager and are reported; fullgraph makes them errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import orca_compiler as oc
+from orca_compiler.lowering import support
+
+from conftest import assert_outputs_close
+
+
+@torch.library.custom_op("orca_test::wiggle", mutates_args=())
+def wiggle(x: torch.Tensor) -> torch.Tensor:
+    """An op TVM has never heard of: x * sigmoid(x) + 0.5."""
+    return x * torch.sigmoid(x) + 0.5
+
+
+@wiggle.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("orca_test::scaled_add", mutates_args=())
+def scaled_add(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    return x + alpha * y
+
+
+@scaled_add.register_fake
+def _(x, y, alpha):
+    return torch.empty_like(x)
+
+
+class WiggleNet(nn.Module):
+    """conv -> relu -> wiggle (unsupported) -> conv -> mean: two TVM partitions around one eager op."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.ops.orca_test.wiggle(torch.relu(self.a(x)))
+        return self.b(y).mean((2, 3)), y
+
+
+def _inputs():
+    torch.manual_seed(0)
+    return (torch.randn(2, 3, 12, 12),)
+
+
+def test_unsupported_op_falls_back_and_is_reported():
+    model, inputs = WiggleNet().eval(), _inputs()
+    compiled = oc.compile(model, inputs)
+    [fallback] = compiled.report.fallbacks
+    assert fallback.op == "orca_test.wiggle" and "no TVM converter" in fallback.reason
+    assert compiled.report.partitions == 2
+    assert "orca_test.wiggle" in str(compiled.report)
+    assert_outputs_close(model(*inputs), compiled(*inputs))
+
+
+def test_fullgraph_turns_fallback_into_error_naming_the_node():
+    with pytest.raises(oc.UnsupportedOpError, match=r"%wiggle \(orca_test.wiggle\)"):
+        oc.compile(WiggleNet().eval(), _inputs(), fullgraph=True)
+
+
+class ScaledAddNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.ops.orca_test.scaled_add(self.lin(x), x, 0.25)
+
+
+def test_custom_converter_lowers_our_own_op():
+    from tvm import relax
+
+    def convert(node, importer):
+        x, y = importer.env[node.args[0]], importer.env[node.args[1]]
+        scaled = relax.op.multiply(y, relax.const(node.args[2], "float32"))
+        return importer.block_builder.emit(relax.op.add(x, scaled))
+
+    op = torch.ops.orca_test.scaled_add.default
+    support.register_converter(op, convert)
+    try:
+        model, inputs = ScaledAddNet().eval(), (torch.randn(4, 16),)
+        compiled = oc.compile(model, inputs, fullgraph=True)
+        assert compiled.report.fallbacks == []
+        assert_outputs_close(model(*inputs), compiled(*inputs))
+    finally:
+        support.unregister_converter(op)
+
+
+def test_converter_failure_falls_back_that_node_only():
+    def broken(node, importer):
+        raise NotImplementedError("this converter is broken on purpose")
+
+    op = torch.ops.orca_test.scaled_add.default
+    support.register_converter(op, broken)
+    try:
+        model, inputs = ScaledAddNet().eval(), (torch.randn(4, 16),)
+        compiled = oc.compile(model, inputs)
+        [fallback] = compiled.report.fallbacks
+        assert fallback.node == "scaled_add" and "broken on purpose" in fallback.reason
+        assert compiled.report.partitions == 1  # the linear still runs in TVM
+        assert_outputs_close(model(*inputs), compiled(*inputs))
+        with pytest.raises(oc.LoweringError, match="%scaled_add.*broken on purpose"):
+            oc.compile(model, inputs, fullgraph=True)
+    finally:
+        support.unregister_converter(op)
+
+
+class DataDependent(nn.Module):
+    """torch.export cannot capture the branch on a tensor value: a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(8, 8)
+        self.post = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.pre(x)
+        if y.sum() > 0:
+            y = y * 2
+        else:
+            y = y - 1
+        return self.post(torch.relu(y))
+
+
+def test_capture_failure_compiles_through_graph_breaks():
+    model = DataDependent().eval()
+    x = torch.randn(3, 8)
+    compiled = oc.compile(model, (x,))
+    report = compiled.report
+    assert report.capture_method == "torch.compile graph breaks"
+    assert report.graph_breaks, str(report)
+    assert len(report.subgraphs) >= 2 and all(s.partitions >= 1 for s in report.subgraphs)
+    assert not report.fully_compiled
+    for sign in (1.0, -1.0):  # both branches
+        probe = x.abs() * sign * 10
+        assert_outputs_close(model(probe), compiled(probe))
+
+
+def test_fullgraph_capture_failure_is_a_capture_error():
+    with pytest.raises(oc.CaptureError, match="torch.export"):
+        oc.compile(DataDependent().eval(), (torch.randn(3, 8),), fullgraph=True)
+
+
+def test_training_mode_batchnorm_is_refused_with_a_hint():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    with pytest.raises(oc.CaptureError, match="model.eval"):
+        oc.compile(model, (torch.randn(1, 3, 8, 8),), fullgraph=True)
