@@ -137,6 +137,7 @@ class GraphIR:
 
     def run(self, *inputs: torch.Tensor) -> tuple:
         """Run the IR in eager PyTorch (each ATen op called directly) and return the flat outputs."""
+        self.gm.recompile()  # a pass may have edited the graph since the code was generated
         with torch.no_grad():
             out = self.gm(*inputs)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)

@@ -72,9 +72,11 @@ class PassManager:
                 self._fail(ctx, index, pass_, ir, exc)
                 raise PassError(f"left an IR that does not verify: {exc}", pass_name=pass_.name,
                                 previous=previous, node=exc.node) from exc
+            except PassError:
+                raise
             except OrcaError as exc:
                 self._fail(ctx, index, pass_, ir, exc)
-                raise
+                raise PassError(f"{type(exc).__name__}: {exc}", pass_name=pass_.name, previous=previous) from exc
             except Exception as exc:
                 self._fail(ctx, index, pass_, ir, exc)
                 raise PassError(f"{type(exc).__name__}: {exc}", pass_name=pass_.name, previous=previous) from exc

@@ -37,6 +37,8 @@ def _hashable(value: Any) -> Any:
         return str(value)
     if isinstance(value, float):
         return ("float", repr(value))  # keeps 0.0 and -0.0 (and 1 and 1.0) apart
+    if isinstance(value, bool):
+        return ("bool", value)  # True == 1 in Python, but add(bool_t, True) is bool and add(bool_t, 1) is int64
     return value
 
 

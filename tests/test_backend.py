@@ -26,3 +26,21 @@ def test_backend_options_reach_the_compiler():
     bad = torch.compile(model, backend="orca", options={"pipeline": "no-such-pass"})
     with pytest.raises(Exception, match="unknown pass 'no-such-pass'"):
         bad(*inputs)
+
+
+def test_backend_name_works_without_importing_orca():
+    """The torch_dynamo_backends entry point lets dynamo find "orca" on its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()\n"
+        "x = torch.randn(2, 4)\n"
+        "assert 'orca_compiler' not in sys.modules\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(torch.compile(m, backend='orca')(x), m(x))\n"
+        "assert 'orca_compiler' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
