@@ -12,7 +12,8 @@ from .instruments import Instrument
 from .pass_base import PassContext
 from .pass_manager import PassManager
 from .report import CompileReport
-from .runtime import CompiledModule, InputSignature
+from .ir import GraphIR
+from .runtime import CompiledModule, IndexGuard, InputSignature
 
 _OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config")
 
@@ -26,6 +27,17 @@ def _normalize_inputs(example_inputs: Any) -> tuple:
         if not isinstance(value, torch.Tensor):
             raise OrcaError(f"example_inputs[{i}] must be a tensor, got {type(value).__name__}")
     return tuple(example_inputs)
+
+
+def index_guards(ir: GraphIR) -> list[IndexGuard]:
+    """Guards for user inputs used directly as embedding indices (see runtime.IndexGuard)."""
+    positions = {node: i for i, node in enumerate(ir.input_nodes())}
+    guards = []
+    for node in ir.compute_nodes():
+        if node.target is torch.ops.aten.embedding.default and node.args[1] in positions:
+            rows = node.args[0].meta["val"].shape[0]
+            guards.append(IndexGuard(positions[node.args[1]], int(rows), node.name))
+    return guards
 
 
 def compile(
@@ -93,6 +105,7 @@ def compile(
         out_spec=ir.out_spec,
         report=report,
         ir=ir,
+        guards=index_guards(ir),
     )
     compiled.executables = lowered.executables
     return compiled

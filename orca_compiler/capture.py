@@ -6,6 +6,8 @@ scaled_dot_product_attention, lstm) stay whole for the passes and the kernel sel
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +29,17 @@ class CaptureResult:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_torch_internals():
+    """Silence warnings about torch's own internals that a user cannot act on."""
+    with warnings.catch_warnings():
+        # pytree's own deprecation, raised from inside torch.export (torch 2.13)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        # nn.RNN re-assigns _flat_weights while being traced; the weights are captured correctly
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights.* were assigned during export")
+        yield
 
 
 def _decompose(ep: torch.export.ExportedProgram, keep_op: Callable | None) -> torch.export.ExportedProgram:
@@ -65,14 +78,15 @@ def capture(
         candidates.append(("symbolic_trace+torch.export", lambda: torch.fx.symbolic_trace(model)))
     for method, make in candidates:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _quiet_torch_internals():
                 ep = torch.export.export(make(), tuple(example_inputs), strict=False)
         except CaptureError:
             raise
         except Exception as exc:  # export raises many types (UserError, Unsupported, RuntimeError...)
             attempts.append((method, _first_line(exc)))
             continue
-        ep = _decompose(ep, keep_op)
+        with _quiet_torch_internals():
+            ep = _decompose(ep, keep_op)
         _check_no_mutation(ep)  # functionalization (in the decomposition) exposes in-place updates
         return CaptureResult(from_exported_program(ep), method, attempts)
     detail = "; ".join(f"{m}: {e}" for m, e in attempts)

@@ -68,6 +68,26 @@ class InputSignature:
             raise InputMismatchError(f"input {index}: " + ", ".join(problems))
 
 
+@dataclass(frozen=True)
+class IndexGuard:
+    """An integer input that indexes a table (an embedding): its values must be in [0, rows).
+
+    TVM's `take` reads out of bounds (and can crash the process) where eager raises IndexError,
+    so these inputs are checked before the call.
+    """
+
+    input_index: int
+    rows: int
+    node: str
+
+    def check(self, tensor: torch.Tensor) -> None:
+        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= self.rows):
+            bad = int(tensor.max()) if int(tensor.max()) >= self.rows else int(tensor.min())
+            raise InputMismatchError(
+                f"input {self.input_index}: index {bad} is out of range for %{self.node} with {self.rows} rows"
+            )
+
+
 class CompiledModule(torch.nn.Module):
     """What `orca_compiler.compile` returns: call it like the original model.
 
@@ -75,8 +95,9 @@ class CompiledModule(torch.nn.Module):
     `print_ir()` shows the IR after the pipeline.
     """
 
-    def __init__(self, program: torch.nn.Module, *, signature, in_spec, out_spec, report, ir=None):
+    def __init__(self, program: torch.nn.Module, *, signature, in_spec, out_spec, report, ir=None, guards=()):
         super().__init__()
+        self.guards = list(guards)
         self.program = program
         self.signature = list(signature)
         self.in_spec = in_spec
@@ -95,6 +116,8 @@ class CompiledModule(torch.nn.Module):
             raise InputMismatchError(f"expected {len(self.signature)} inputs, got {len(flat)}")
         for i, (sig, tensor) in enumerate(zip(self.signature, flat)):
             sig.check(i, tensor)
+        for guard in self.guards:
+            guard.check(flat[guard.input_index])
         with torch.no_grad():
             outputs = self.program(*flat)
         if self.out_spec is None:

@@ -99,3 +99,16 @@ def test_cli_compile_loads_a_user_file(tmp_path):
     )
     code, out, _ = _run_cli("compile", f"{path}:build")
     assert code == 0 and "fallback to eager: none" in out
+
+
+def test_out_of_range_token_is_an_error_not_a_crash():
+    """TVM's take reads out of bounds; eager raises IndexError. We check before calling."""
+    model, (tokens,) = oc.zoo.get("transformer")
+    compiled = oc.compile(model, (tokens,), pipeline="O0")
+    bad = tokens.clone()
+    bad[0, 3] = 1000
+    with pytest.raises(oc.InputMismatchError, match=r"input 0: index 1000 is out of range for %embedding with 1000 rows"):
+        compiled(bad)
+    bad[0, 3] = -1
+    with pytest.raises(oc.InputMismatchError, match="index -1"):
+        compiled(bad)
