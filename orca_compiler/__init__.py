@@ -19,9 +19,9 @@ from .runtime import CompiledModule
 
 __version__ = "0.1.0"
 
-from . import backend as _backend  # noqa: E402
-
-_backend.register()
+# The "orca" torch.compile backend is found through the torch_dynamo_backends entry point
+# (pyproject.toml); registering here would import torch._dynamo (~1.4 s) on every import.
+# Running from a source tree without installing: call orca_compiler.backend.register().
 from . import passes  # noqa: E402,F401  (registers the pass library)
 
 __all__ = [
