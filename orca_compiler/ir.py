@@ -9,7 +9,6 @@ Conventions every pass keeps (the verifier checks them):
 """
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, Callable, Iterable
 
@@ -254,11 +253,6 @@ def to_exported_program(gm: fx.GraphModule) -> torch.export.ExportedProgram:
         example_inputs=None,
         constants={},
     )
-
-
-def node_val(node: Any) -> Any:
-    """The recorded FakeTensor (or tuple) of a node, or the Python value of a non-node argument."""
-    return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
 def iter_tensor_vals(val: Any) -> Iterable[torch.Tensor]:
