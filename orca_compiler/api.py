@@ -15,7 +15,7 @@ from .report import CompileReport
 from .ir import GraphIR
 from .runtime import CompiledModule, IndexGuard, InputSignature
 
-_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config")
+_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels")
 
 
 def _normalize_inputs(example_inputs: Any) -> tuple:
@@ -55,7 +55,10 @@ def compile(
     `fullgraph` (default False: unsupported ops and capture failures fall back to eager and are
     reported; True makes them errors), `verify_each` (verify the IR after every pass, default
     True), `instruments` (a list of orca_compiler.instruments.Instrument), `pass_config` (a dict
-    handed to passes as ctx.config). Assumes an inference model (model.eval()).
+    handed to passes as ctx.config), `kernels` ("measure", the default: each heavy op gets the
+    fastest of its TVM and external kernels, measured once per shape and cached on disk; or
+    "tvm" / "torch" / "mkldnn" / "mkl" to force that kernel wherever it applies). Assumes an
+    inference model (model.eval()).
     """
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -92,12 +95,14 @@ def compile(
             raise OrcaError(f"instruments must be orca_compiler.instruments.Instrument objects, got {type(inst).__name__}")
     ir, records = manager.run(captured.ir, ctx)
     t2 = time.perf_counter()
-    lowered = lower(ir, resolved, fullgraph=fullgraph)
+    lowered = lower(ir, resolved, fullgraph=fullgraph, kernels=options.get("kernels", "measure"))
     t3 = time.perf_counter()
     report.passes = records
     report.fallbacks = lowered.fallbacks
     report.partitions = lowered.partitions
-    report.seconds = {"capture": t1 - t0, "passes": t2 - t1, "lowering": t3 - t2, "total": t3 - t0}
+    report.kernels = lowered.kernels
+    report.seconds = {"capture": t1 - t0, "passes": t2 - t1, "kernel selection": lowered.selection_seconds,
+                      "lowering": t3 - t2 - lowered.selection_seconds, "total": t3 - t0}
     compiled = CompiledModule(
         lowered.module,
         signature=[InputSignature.of(t) for t in inputs],

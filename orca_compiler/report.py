@@ -17,6 +17,7 @@ class CompileReport:
     graph_breaks: list = field(default_factory=list)  # str, when captured through torch.compile
     subgraphs: list = field(default_factory=list)  # CompileReport per graph between breaks
     partitions: int = 0
+    kernels: list = field(default_factory=list)  # lowering.KernelChoice per heavy op
     seconds: dict = field(default_factory=dict)
 
     @property
@@ -41,6 +42,13 @@ class CompileReport:
                          f"{f'{r.nodes_before}->{r.nodes_after}':>13}  {stats}")
         return "\n".join(lines)
 
+    def kernel_summary(self) -> str:
+        """One line per (op, choice): how many nodes got which kernel, and how it was decided."""
+        counts: dict[tuple, int] = {}
+        for k in self.kernels:
+            counts[(k.op, k.choice, k.how)] = counts.get((k.op, k.choice, k.how), 0) + 1
+        return "\n".join(f"  - {op} -> {choice}: {n} ({how})" for (op, choice, how), n in sorted(counts.items()))
+
     def __str__(self) -> str:
         lines = [f"orca compile report: pipeline '{self.pipeline or '(none)'}', target {self.target}"]
         lines.append(f"capture: {self.capture_method}" + (
@@ -56,6 +64,9 @@ class CompileReport:
             lines.extend(f"  - {f}" for f in fallbacks)
         else:
             lines.append("fallback to eager: none")
+        if self.kernels:
+            lines.append(f"kernels ({len(self.kernels)} heavy ops):")
+            lines.append(self.kernel_summary())
         if self.seconds:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)

@@ -16,11 +16,12 @@ class TVMGraphModule(torch.nn.Module):
     inspected) on a machine without a GPU; calling it there raises TargetError.
     """
 
-    def __init__(self, executable, target, name: str = "main"):
+    def __init__(self, executable, target, name: str = "main", externs: dict | None = None):
         super().__init__()
         self.executable = executable
         self.target = target
         self.name = name
+        self.externs = dict(externs or {})  # the extern kernels the executable calls, kept alive
         self._fn = None
 
     def _function(self):

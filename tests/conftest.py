@@ -1,12 +1,19 @@
 """Shared test helpers: numeric comparison of output pytrees against eager."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 
 # fp32 through TVM: reductions are reordered and BN is folded in float64 then rounded, so results
 # differ from eager by rounding only. These bounds are ~100x the errors we measure (<= 3e-7).
+# Tests never read or write the user's cache: one fresh cache folder per test session (kernel
+# selections measured by one test are reused by the next, as they would be on a user's machine).
+os.environ["ORCA_CACHE_DIR"] = tempfile.mkdtemp(prefix="orca-test-cache-")
+
 RTOL = 1e-4
 ATOL = 1e-5
 

@@ -14,6 +14,8 @@ from ..errors import LoweringError, UnsupportedOpError
 from ..ir import GraphIR
 from ..printer import op_name
 from ..runtime import TVMGraphModule
+from .extern import bind_extern, impl_named
+from .kernel_select import MEASURE, KernelChoice, select_kernels
 from .relax_build import build_executable
 from .support import unsupported_reason
 from .target import ResolvedTarget, resolve_target
@@ -41,6 +43,8 @@ class LoweredProgram:
     executables: list = field(default_factory=list)
     partitions: int = 0
     build_seconds: float = 0.0
+    kernels: list[KernelChoice] = field(default_factory=list)
+    selection_seconds: float = 0.0
 
 
 class _Supported(OperatorSupportBase):
@@ -91,27 +95,35 @@ def _nodes_of(sub: fx.GraphModule) -> list[fx.Node]:
     return [n for n in sub.graph.nodes if n.op == "call_function"]
 
 
-def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False) -> LoweredProgram:
+def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False, kernels: str = MEASURE,
+          selection_cache=None) -> LoweredProgram:
     """Build `ir` for `target`.
 
-    Ops without a converter, or whose conversion TVM rejects, run in eager PyTorch between TVM
-    partitions and are listed in `fallbacks`; with `fullgraph=True` they raise
-    UnsupportedOpError / LoweringError naming the nodes instead.
+    Heavy ops get the kernel `kernel_select.select_kernels` picks (`kernels`: "measure" or a
+    candidate to force); those bound to external kernels are called from the VM. Ops without a
+    converter, or whose conversion TVM rejects, run in eager PyTorch between TVM partitions and
+    are listed in `fallbacks`; with `fullgraph=True` they raise UnsupportedOpError /
+    LoweringError naming the nodes instead.
     """
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
     start = time.perf_counter()
+    choices = select_kernels(ir, resolved, kernels, selection_cache)
+    selected = time.perf_counter()
+    nodes = {node.name: node for node in ir.compute_nodes()}
+    externs = {name: bind_extern(nodes[name], ir.gm, impl_named(c.choice))
+               for name, c in choices.items() if c.choice != "tvm"}
     rejected: dict[str, str] = {}  # node name -> why TVM's converter failed on it
     while True:
         unsupported = {}
         for node in ir.compute_nodes():
-            reason = rejected.get(node.name) or unsupported_reason(node)
+            reason = rejected.get(node.name) or unsupported_reason(node, externs)
             if reason is not None:
                 unsupported[node] = reason
         if unsupported and fullgraph:
             listing = "; ".join(f"%{n.name} ({op_name(n)}): {r}" for n, r in unsupported.items())
             raise UnsupportedOpError(f"fullgraph=True but {len(unsupported)} op(s) cannot be lowered: {listing}")
         try:
-            program = _build(ir, resolved, unsupported, fullgraph)
+            program = _build(ir, resolved, unsupported, fullgraph, externs)
         except LoweringError as exc:
             node = getattr(exc, "node", None)
             if fullgraph or node is None or node in rejected:
@@ -119,20 +131,22 @@ def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False) -> LoweredProg
             rejected[node] = str(exc)  # retry with that node in eager
             continue
         program.fallbacks = [Fallback(n.name, op_name(n), r) for n, r in unsupported.items()] + program.fallbacks
-        program.build_seconds = time.perf_counter() - start
+        program.build_seconds = time.perf_counter() - selected
+        program.selection_seconds = selected - start
+        program.kernels = list(choices.values())
         return program
 
 
-def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: bool) -> LoweredProgram:
+def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: bool, externs: dict) -> LoweredProgram:
     if not unsupported:
         try:
-            executable = build_executable(ir.gm, resolved, what="the graph")
+            executable = build_executable(ir.gm, resolved, what="the graph", externs=externs)
         except LoweringError as exc:
             if fullgraph or getattr(exc, "node", None) is not None:
                 raise
             fallbacks = [Fallback(n.name, op_name(n), str(exc)) for n in ir.compute_nodes()]
             return LoweredProgram(ir.copy().gm, resolved, fallbacks)
-        return LoweredProgram(TVMGraphModule(executable, resolved), resolved, [], [executable], 1)
+        return LoweredProgram(TVMGraphModule(executable, resolved, externs=externs), resolved, [], [executable], 1)
 
     parent = ir.copy().gm
     partitioner = CapabilityBasedPartitioner(parent, _Supported(unsupported), allows_single_node_partition=True)
@@ -146,14 +160,14 @@ def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: 
         names = [f"%{n.name}" for n in _nodes_of(sub)]
         what = f"partition '{call.target}' ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
         try:
-            executable = build_executable(sub, resolved, what=what)
+            executable = build_executable(sub, resolved, what=what, externs=externs)
         except LoweringError as exc:
             if fullgraph or getattr(exc, "node", None) is not None:
                 raise
             fallbacks.extend(Fallback(n.name, op_name(n), str(exc)) for n in _nodes_of(sub))
             continue
         executables.append(executable)
-        setattr(parent, call.target, TVMGraphModule(executable, resolved))
+        setattr(parent, call.target, TVMGraphModule(executable, resolved, externs=externs))
         if single_output:
             _take_first_result(parent, call)
     parent.graph.lint()

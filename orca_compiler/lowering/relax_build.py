@@ -17,9 +17,23 @@ def tvm_error_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:400]}"
 
 
-def _tracking_importer():
-    """TVM's importer, subclassed so that a converter failure tells us which fx node it was on."""
+def _extern_type(val):
+    """The Relax type of an extern call's result, from the node's FakeTensor value(s)."""
+    from tvm import relax
+
+    if isinstance(val, (tuple, list)):
+        return relax.TupleType([_extern_type(v) for v in val])
+    return relax.TensorType(tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", ""))
+
+
+def _tracking_importer(externs: dict | None = None):
+    """TVM's importer, subclassed so that a converter failure tells us which fx node it was on,
+    and so that nodes bound to external kernels (`externs`: node name -> ExternCall) become
+    `R.call_pure_packed` calls of those kernels."""
+    from tvm import relax
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    externs = externs or {}
 
     class TrackingImporter(ExportedProgramImporter):
         current_node: str | None = None
@@ -27,9 +41,20 @@ def _tracking_importer():
         def _track(self, fn):
             def converter(node, *args):
                 self.current_node = node.name
+                if node.name in externs:
+                    return self._emit_extern(node, externs[node.name])
                 return fn(node, *args)
 
             return converter
+
+        def _emit_extern(self, node, call):
+            by_name = {n.name: n for n in node.all_input_nodes}
+            operands = [self.env[by_name[name]] for name in call.activation_names]
+            result = relax.call_pure_packed(call.func_name, *operands, ty_args=_extern_type(node.meta["val"]))
+            return self.block_builder.emit(result)
+
+        def _check_unsupported_func_type(self, nodes):
+            super()._check_unsupported_func_type([n for n in nodes if n.name not in externs])
 
         def create_convert_map(self):
             return {name: self._track(fn) for name, fn in super().create_convert_map().items()}
@@ -40,13 +65,14 @@ def _tracking_importer():
     return TrackingImporter()
 
 
-def import_relax(gm: fx.GraphModule):
+def import_relax(gm: fx.GraphModule, externs: dict | None = None):
     """GraphIR-convention GraphModule -> Relax IRModule (weights bound as constants).
 
+    Nodes named in `externs` (node name -> extern.ExternCall) call that external kernel.
     LoweringError carries `.node`: the fx node whose conversion failed, when known.
     """
     ep = to_exported_program(gm)
-    importer = _tracking_importer()
+    importer = _tracking_importer(externs)
     try:
         return importer.from_exported_program(ep, False, False, False, custom_converters() or None)
     except Exception as exc:
@@ -55,14 +81,19 @@ def import_relax(gm: fx.GraphModule):
         raise error from exc
 
 
-def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = "graph"):
-    """Import and compile `gm`; LoweringError names `what` (the partition) and TVM's complaint."""
+def compile_relax(mod, target: ResolvedTarget):
+    """tvm.compile for our targets: on CPU with our rule-based schedules (cpu_schedules.py)."""
     import tvm
 
-    mod = import_relax(gm)
+    with target.tvm_target:
+        return tvm.compile(mod, target=target.tvm_target)
+
+
+def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = "graph", externs: dict | None = None):
+    """Import and compile `gm`; LoweringError names `what` (the partition) and TVM's complaint."""
+    mod = import_relax(gm, externs)
     try:
-        with target.tvm_target:
-            return tvm.compile(mod, target=target.tvm_target)
+        return compile_relax(mod, target)
     except Exception as exc:
         error = LoweringError(f"TVM could not build {what} for {target.tvm_target.kind.name}: {tvm_error_summary(exc)}")
         error.node = None

@@ -61,18 +61,33 @@ def _is_convertible(target) -> bool:
 
 
 def keep_op_in_capture(op: torch._ops.OpOverload) -> bool:
-    """For capture: keep `op` whole (do not decompose it) because the lowering converts it."""
-    return _is_convertible(op)
+    """For capture: keep `op` whole (do not decompose it) because the lowering converts it or
+    has an external kernel for it."""
+    from .extern import has_extern
+
+    return _is_convertible(op) or has_extern(op)
 
 
-def unsupported_reason(node: fx.Node) -> str | None:
-    """None if the node can be lowered; else a sentence saying why not."""
-    if node.op != "call_function":
+def tvm_converts(node: fx.Node) -> bool:
+    """Whether TVM's importer (or one of our converters) turns `node` into Relax."""
+    return node.op == "call_function" and _tvm_reason(node) is None
+
+
+def unsupported_reason(node: fx.Node, extern_nodes=frozenset()) -> str | None:
+    """None if the node can be lowered (by TVM, or as an external kernel when its name is in
+    `extern_nodes`); else a sentence saying why not."""
+    if node.op != "call_function" or node.name in extern_nodes:
         return None
     if node.target is operator.getitem:
         source = node.args[0]
-        if isinstance(source, fx.Node) and unsupported_reason(source) is not None:
+        if isinstance(source, fx.Node) and unsupported_reason(source, extern_nodes) is not None:
             return "reads an output of an op that runs in eager"
+        return None
+    return _tvm_reason(node)
+
+
+def _tvm_reason(node: fx.Node) -> str | None:
+    if node.target is operator.getitem:
         return None
     if not _is_convertible(node.target):
         return f"no TVM converter for {node.target}"
