@@ -38,9 +38,14 @@ class TVMGraphModule(torch.nn.Module):
         return self._fn
 
     def forward(self, *inputs: torch.Tensor) -> tuple:
-        fn = self._function()
-        result = fn(*(t if t.is_contiguous() else t.contiguous() for t in inputs))
-        return tuple(torch.from_dlpack(r) for r in result)
+        fn = self._fn or self._function()
+        for t in inputs:
+            if not t.is_contiguous():
+                inputs = tuple(t.contiguous() for t in inputs)
+                break
+        # Called with torch tensors, the VM hands back torch tensors (DLPack, no copy); tensors
+        # of TVM's own type appear only when an output is one of TVM's constants.
+        return tuple(r if type(r) is torch.Tensor else torch.from_dlpack(r) for r in fn(*inputs))
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,11 @@ class InputSignature:
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "InputSignature":
         return cls(tuple(tensor.shape), tensor.dtype, tensor.device.type)
+
+    def matches(self, tensor) -> bool:
+        """The fast check run on every call; `check` explains a mismatch."""
+        return (type(tensor) is torch.Tensor and tensor.shape == self.shape and tensor.dtype == self.dtype
+                and tensor.device.type == self.device)
 
     def check(self, index: int, tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
@@ -105,8 +115,18 @@ class CompiledModule(torch.nn.Module):
         self.out_spec = out_spec
         self.report = report
         self.ir = ir
+        # Per-call fast path (dispatch dominates small models at batch 1): positional tensors
+        # only, one TVM executable, outputs that are a flat tuple or a single tensor.
+        n = len(self.signature)
+        self._positional_spec = pytree.tree_flatten((tuple(range(n)), {}))[1]
+        self._positional = in_spec is None or in_spec == self._positional_spec
+        self._run = program.forward if isinstance(program, TVMGraphModule) else None
+        self._single_output = out_spec is not None and out_spec == pytree.tree_flatten(0)[1]
 
-    def forward(self, *args, **kwargs):
+    def _flatten_inputs(self, args, kwargs) -> list:
+        if not kwargs and self._positional and len(args) == len(self.signature):
+            if all(sig.matches(t) for sig, t in zip(self.signature, args)):
+                return list(args)
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self.in_spec is not None and spec != self.in_spec:
             raise InputMismatchError(
@@ -117,10 +137,19 @@ class CompiledModule(torch.nn.Module):
             raise InputMismatchError(f"expected {len(self.signature)} inputs, got {len(flat)}")
         for i, (sig, tensor) in enumerate(zip(self.signature, flat)):
             sig.check(i, tensor)
+        return flat
+
+    def forward(self, *args, **kwargs):
+        flat = self._flatten_inputs(args, kwargs)
         for guard in self.guards:
             guard.check(flat[guard.input_index])
-        with torch.no_grad():
-            outputs = self.program(*flat)
+        if self._run is not None:  # TVM code only: no autograd graph can be built, skip no_grad
+            outputs = self._run(*flat)
+        else:
+            with torch.no_grad():
+                outputs = self.program(*flat)
+        if self._single_output:
+            return outputs[0]
         if self.out_spec is None:
             return outputs[0] if len(outputs) == 1 else outputs
         return pytree.tree_unflatten(list(outputs), self.out_spec)
