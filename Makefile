@@ -24,5 +24,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The benchmark of docs/benchmarks.md (many minutes): installs the peers (onnxruntime) first.
+bench: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/orca bench --write-docs
+
 clean:
 	rm -rf $(VENV) .pytest_cache

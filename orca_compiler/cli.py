@@ -1,4 +1,4 @@
-"""The `orca` command line: list passes and models, compile a model, run the demo."""
+"""The `orca` command line: list passes and models, compile a model, run the demo or the benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -94,6 +94,13 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orca", description="orca_compiler: compile PyTorch models through TVM.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="llvm")
     p.add_argument("--repeats", type=int, default=20)
     p.set_defaults(fn=_cmd_demo)
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="time the zoo against eager, torch.compile, onnxruntime and the machine's limits",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(p).set_defaults(fn=_cmd_bench)
     return parser
 
 
