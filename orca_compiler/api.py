@@ -15,7 +15,7 @@ from .report import CompileReport
 from .ir import GraphIR
 from .runtime import CompiledModule, IndexGuard, InputSignature
 
-_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels")
+_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db")
 
 
 def _normalize_inputs(example_inputs: Any) -> tuple:
@@ -57,8 +57,9 @@ def compile(
     True), `instruments` (a list of orca_compiler.instruments.Instrument), `pass_config` (a dict
     handed to passes as ctx.config), `kernels` ("measure", the default: each heavy op gets the
     fastest of its TVM and external kernels, measured once per shape and cached on disk; or
-    "tvm" / "torch" / "mkldnn" / "mkl" to force that kernel wherever it applies). Assumes an
-    inference model (model.eval()).
+    "tvm" / "torch" / "mkldnn" / "mkl" to force that kernel wherever it applies), `tuning_db` (a
+    meta_schedule database folder, see lowering/tuning.py: TVM kernels use its schedules where it
+    has records). Assumes an inference model (model.eval()).
     """
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -95,7 +96,8 @@ def compile(
             raise OrcaError(f"instruments must be orca_compiler.instruments.Instrument objects, got {type(inst).__name__}")
     ir, records = manager.run(captured.ir, ctx)
     t2 = time.perf_counter()
-    lowered = lower(ir, resolved, fullgraph=fullgraph, kernels=options.get("kernels", "measure"))
+    lowered = lower(ir, resolved, fullgraph=fullgraph, kernels=options.get("kernels", "measure"),
+                    tuning_db=options.get("tuning_db"))
     t3 = time.perf_counter()
     report.passes = records
     report.fallbacks = lowered.fallbacks

@@ -37,7 +37,7 @@ def compile_with_graph_breaks(model, inputs: tuple, capture_error: CaptureError,
 
     from .api import compile as orca_compile
 
-    sub_options = {k: v for k, v in options.items() if k in ("verify_each", "pass_config", "kernels")}
+    sub_options = {k: v for k, v in options.items() if k in ("verify_each", "pass_config", "kernels", "tuning_db")}
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         compiled = orca_compile(gm, tuple(example_inputs), pipeline=pipeline, target=target, **sub_options)

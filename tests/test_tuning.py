@@ -168,3 +168,21 @@ def test_ffi_version_check(monkeypatch):
     monkeypatch.setattr(tuning.importlib.util, "find_spec", lambda name: None if name == "xgboost" else object())
     with pytest.raises(tuning.TuningError, match="xgboost-cpu.*pip install"):
         tuning.check_tuning_dependencies()
+
+
+@needs_tuning_deps
+def test_compile_uses_a_tuning_database(tuned_dir):
+    import orca_compiler as oc
+
+    model, x = _model(64, 64), torch.randn(4, 64)
+    for kernels in ("tvm", "measure"):  # the tuned TVM kernel alone, and competing with torch's
+        compiled = oc.compile(model, (x,), kernels=kernels, tuning_db=tuned_dir)
+        assert_outputs_close(model(x), compiled(x))
+
+
+def test_compile_with_a_missing_tuning_database_names_it(tmp_path):
+    import orca_compiler as oc
+
+    model, x = _model(16, 16), torch.randn(2, 16)
+    with pytest.raises(tuning.TuningError, match="nowhere"):
+        oc.compile(model, (x,), kernels="tvm", tuning_db=tmp_path / "nowhere")

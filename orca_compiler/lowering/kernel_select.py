@@ -79,13 +79,14 @@ def candidates(node: fx.Node) -> list[str]:
 
 
 def select_kernels(ir: GraphIR, target: ResolvedTarget, mode: str = MEASURE,
-                   cache: SelectionCache | None = None) -> dict[str, KernelChoice]:
+                   cache: SelectionCache | None = None, database=None) -> dict[str, KernelChoice]:
     """Choose a kernel for every heavy node of `ir` (node name -> KernelChoice).
 
     `mode` is "measure" (the fastest candidate, measured or cached), or a candidate name
     ("tvm", "torch", "mkldnn", "mkl") to force it wherever it applies (elsewhere: TVM if it
     converts the op, else torch). Without a device for the target nothing is measured: TVM
-    wherever it converts the op.
+    wherever it converts the op. With a tuning `database` (folder), the TVM candidates use its
+    schedules, and choices are cached apart from untuned ones.
     """
     valid = {MEASURE, "tvm", "torch", "mkldnn", "mkl"}
     if mode not in valid:
@@ -94,7 +95,7 @@ def select_kernels(ir: GraphIR, target: ResolvedTarget, mode: str = MEASURE,
     to_measure: dict[str, list[fx.Node]] = {}
     can_measure = mode == MEASURE and target.device().exist
     if can_measure and cache is None:
-        cache = SelectionCache(target.key)
+        cache = SelectionCache(target.key + (f"|tuning:{_database_identity(database)}" if database else ""))
     for node in ir.compute_nodes():
         names = candidates(node)
         if not names or names == ["tvm"]:
@@ -116,7 +117,7 @@ def select_kernels(ir: GraphIR, target: ResolvedTarget, mode: str = MEASURE,
         else:
             to_measure.setdefault(key, []).append(node)
     if to_measure:
-        measured = measure(ir, target, {key: nodes[0] for key, nodes in to_measure.items()})
+        measured = measure(ir, target, {key: nodes[0] for key, nodes in to_measure.items()}, database)
         for key, nodes in to_measure.items():
             times, rejected = measured[key]
             best = min(times, key=times.get) if times else "torch"
@@ -125,6 +126,15 @@ def select_kernels(ir: GraphIR, target: ResolvedTarget, mode: str = MEASURE,
                 choices[node.name] = KernelChoice(node.name, op_name(node), best, "measured", times, rejected)
         cache.save()
     return choices
+
+
+def _database_identity(database) -> str:
+    """A tuning database folder as a cache key part: its path and when its records last changed."""
+    from pathlib import Path
+
+    path = Path(database).resolve()
+    stamps = [f.stat().st_mtime_ns for f in path.glob("*.json")] if path.is_dir() else []
+    return f"{path}@{max(stamps, default=0)}"
 
 
 # -- measurement --------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ def _mismatch(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> str
     return None
 
 
-def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node]) -> dict[str, tuple[dict, dict]]:
+def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], database=None) -> dict[str, tuple[dict, dict]]:
     """Time every candidate of each node (key -> node). Returns key -> (times in us, rejected).
 
     Rejected candidates (import/build failures, wrong numbers) are listed with the reason.
@@ -189,8 +199,10 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node]) -> d
     import tvm
     from tvm import relax
 
+    from ..threads import configure_tvm_threads
     from .relax_build import compile_relax, import_relax, tvm_error_summary
 
+    configure_tvm_threads()
     start = time.perf_counter()
     functions, keep_alive, inputs, rejected = {}, [], {}, {key: {} for key in nodes}
     for index, (key, node) in enumerate(nodes.items()):
@@ -212,7 +224,7 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node]) -> d
 
     def build(selected):
         module = tvm.IRModule({symbol: func for symbol, func in selected.values()})
-        return relax.VirtualMachine(compile_relax(module, target), target.device())
+        return relax.VirtualMachine(compile_relax(module, target, database), target.device())
 
     try:
         vm = build(functions)

@@ -96,18 +96,19 @@ def _nodes_of(sub: fx.GraphModule) -> list[fx.Node]:
 
 
 def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False, kernels: str = MEASURE,
-          selection_cache=None) -> LoweredProgram:
+          selection_cache=None, tuning_db=None) -> LoweredProgram:
     """Build `ir` for `target`.
 
     Heavy ops get the kernel `kernel_select.select_kernels` picks (`kernels`: "measure" or a
     candidate to force); those bound to external kernels are called from the VM. Ops without a
     converter, or whose conversion TVM rejects, run in eager PyTorch between TVM partitions and
     are listed in `fallbacks`; with `fullgraph=True` they raise UnsupportedOpError /
-    LoweringError naming the nodes instead.
+    LoweringError naming the nodes instead. `tuning_db` is a meta_schedule database folder whose
+    schedules the TVM kernels use where it has records.
     """
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
     start = time.perf_counter()
-    choices = select_kernels(ir, resolved, kernels, selection_cache)
+    choices = select_kernels(ir, resolved, kernels, selection_cache, tuning_db)
     selected = time.perf_counter()
     nodes = {node.name: node for node in ir.compute_nodes()}
     externs = {name: bind_extern(nodes[name], ir.gm, impl_named(c.choice))
@@ -123,7 +124,7 @@ def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False, kernels: str =
             listing = "; ".join(f"%{n.name} ({op_name(n)}): {r}" for n, r in unsupported.items())
             raise UnsupportedOpError(f"fullgraph=True but {len(unsupported)} op(s) cannot be lowered: {listing}")
         try:
-            program = _build(ir, resolved, unsupported, fullgraph, externs)
+            program = _build(ir, resolved, unsupported, fullgraph, externs, tuning_db)
         except LoweringError as exc:
             node = getattr(exc, "node", None)
             if fullgraph or node is None or node in rejected:
@@ -137,10 +138,11 @@ def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False, kernels: str =
         return program
 
 
-def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: bool, externs: dict) -> LoweredProgram:
+def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: bool, externs: dict,
+           database) -> LoweredProgram:
     if not unsupported:
         try:
-            executable = build_executable(ir.gm, resolved, what="the graph", externs=externs)
+            executable = build_executable(ir.gm, resolved, what="the graph", externs=externs, database=database)
         except LoweringError as exc:
             if fullgraph or getattr(exc, "node", None) is not None:
                 raise
@@ -160,7 +162,7 @@ def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: 
         names = [f"%{n.name}" for n in _nodes_of(sub)]
         what = f"partition '{call.target}' ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
         try:
-            executable = build_executable(sub, resolved, what=what, externs=externs)
+            executable = build_executable(sub, resolved, what=what, externs=externs, database=database)
         except LoweringError as exc:
             if fullgraph or getattr(exc, "node", None) is not None:
                 raise

@@ -81,19 +81,29 @@ def import_relax(gm: fx.GraphModule, externs: dict | None = None):
         raise error from exc
 
 
-def compile_relax(mod, target: ResolvedTarget):
-    """tvm.compile for our targets: on CPU with our rule-based schedules (cpu_schedules.py)."""
+def compile_relax(mod, target: ResolvedTarget, database=None):
+    """tvm.compile for our targets, with the schedules of the meta_schedule database in the
+    folder `database` where it has records (see tuning.py)."""
     import tvm
 
+    if database is not None:
+        from .tuning import apply_database
+
+        mod = apply_database(mod, target, database)
     with target.tvm_target:
         return tvm.compile(mod, target=target.tvm_target)
 
 
-def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = "graph", externs: dict | None = None):
+def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = "graph", externs: dict | None = None,
+                     database=None):
     """Import and compile `gm`; LoweringError names `what` (the partition) and TVM's complaint."""
+    from .tuning import TuningError
+
     mod = import_relax(gm, externs)
     try:
-        return compile_relax(mod, target)
+        return compile_relax(mod, target, database)
+    except TuningError:
+        raise
     except Exception as exc:
         error = LoweringError(f"TVM could not build {what} for {target.tvm_target.kind.name}: {tvm_error_summary(exc)}")
         error.node = None
