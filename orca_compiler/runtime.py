@@ -28,6 +28,9 @@ class TVMGraphModule(torch.nn.Module):
         if self._fn is None:
             from tvm import relax
 
+            from .threads import configure_tvm_threads
+
+            configure_tvm_threads()
             device = self.target.device()
             if not device.exist:
                 raise TargetError(

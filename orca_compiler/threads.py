@@ -1,0 +1,28 @@
+"""One thread budget for TVM's pool and torch's: both use `torch.get_num_threads()` threads.
+
+TVM 0.27 sizes its pool from TVM_NUM_THREADS, else from the hardware threads halved on x86 (it
+assumes hyper-threading): on a 2-core machine every TVM kernel ran on one thread. We set
+TVM_NUM_THREADS before TVM's pool starts (the first VM call), unless the user set it. Torch's
+kernels (the extern kernels) and TVM's run one after the other in one VM call, never at the same
+time, so the two pools of the same size do not oversubscribe the cores.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_configured: int | None = None
+
+
+def configure_tvm_threads() -> int:
+    """Make TVM's pool as large as torch's thread count; returns TVM's pool size.
+
+    Assumes it runs before the first TVM kernel does (the runtime and the kernel selection call
+    it before creating a VirtualMachine). An explicit TVM_NUM_THREADS wins.
+    """
+    global _configured
+    if _configured is None:
+        os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+        _configured = int(os.environ["TVM_NUM_THREADS"])
+    return _configured
