@@ -24,5 +24,6 @@ def configure_tvm_threads() -> int:
     global _configured
     if _configured is None:
         os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
         _configured = int(os.environ["TVM_NUM_THREADS"])
     return _configured

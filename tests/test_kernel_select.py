@@ -117,7 +117,7 @@ def test_unknown_kernels_option_is_an_error():
 
 def test_kernel_choice_prints_times_and_rejections():
     choice = kernel_select.KernelChoice("linear", "linear", "mkl", "measured", {"mkl": 20.0, "tvm": 70.5},
-                                        {"torch": "first call 240us, >4x the fastest"})
+                                        {"torch": "warm call 240us, >4x the fastest"})
     assert str(choice) == ("%linear (linear) -> mkl [measured: mkl 20.0us, tvm 70.5us] "
-                           "[out: torch: first call 240us, >4x the fastest]")
+                           "[out: torch: warm call 240us, >4x the fastest]")
     assert dataclasses.asdict(choice)["times_us"] == {"mkl": 20.0, "tvm": 70.5}
