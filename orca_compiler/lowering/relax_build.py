@@ -12,7 +12,7 @@ from .target import ResolvedTarget
 def tvm_error_summary(exc: BaseException) -> str:
     """The informative line of a TVM error (its C++ backtrace dropped)."""
     lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-    lines = [l for l in lines if not l.startswith(("File ", "Traceback", "at ", "^", "~"))]
+    lines = [l for l in lines if not l.startswith(("File ", "Traceback", "at ", "^", "~", "# Metadata omitted"))]
     text = lines[-1] if lines else ""
     return f"{type(exc).__name__}: {text[:400]}"
 
@@ -82,16 +82,22 @@ def import_relax(gm: fx.GraphModule, externs: dict | None = None):
 
 
 def compile_relax(mod, target: ResolvedTarget, database=None):
-    """tvm.compile for our targets, with the schedules of the meta_schedule database in the
-    folder `database` where it has records (see tuning.py)."""
+    """tvm.compile for our targets: on CPU with our rule-based schedules (cpu_schedules.py), and
+    with the schedules of the meta_schedule database in the folder `database` where it has
+    records (see tuning.py; our rules skip the functions it scheduled)."""
     import tvm
 
     if database is not None:
         from .tuning import apply_database
 
         mod = apply_database(mod, target, database)
+    pipeline = "default"  # TVM's own: on CUDA it applies the dlight GPU rules
+    if target.kind == "cpu":
+        from .cpu_schedules import cpu_pipeline
+
+        pipeline = cpu_pipeline(target)
     with target.tvm_target:
-        return tvm.compile(mod, target=target.tvm_target)
+        return tvm.compile(mod, target=target.tvm_target, relax_pipeline=pipeline)
 
 
 def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = "graph", externs: dict | None = None,
