@@ -7,6 +7,10 @@ kernels (the extern kernels) and TVM's run one after the other in one VM call, n
 time, so the two pools of the same size do not oversubscribe the cores. TVM also pins its
 threads, the calling thread included, to cores; torch's OpenMP threads then queue behind it (the
 eager MLP ran 24 ms instead of 0.85 ms in the same process), so we set TVM_BIND_THREADS=0 too.
+And TVM's workers spin after a parallel kernel (300000 rounds by default) while the next torch
+kernel wants the cores: a torch conv followed by a TVM depthwise conv took 4.7-7.6 ms per pair
+spinning, 1.5 ms with TVM_THREAD_POOL_SPIN_COUNT=0, which we set as well (a lone TVM kernel pays
+for waking its workers instead).
 """
 from __future__ import annotations
 
@@ -27,5 +31,6 @@ def configure_tvm_threads() -> int:
     if _configured is None:
         os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
         os.environ.setdefault("TVM_BIND_THREADS", "0")
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
         _configured = int(os.environ["TVM_NUM_THREADS"])
     return _configured
