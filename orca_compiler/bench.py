@@ -96,7 +96,7 @@ def bench_one(name: str, batch: int, pipelines, repeats: int, peers=PEERS) -> di
     flops, nbytes = roofline.forward_flops(model, inputs), roofline.weight_bytes(model)
     with torch.no_grad():
         runners, compile_s, extra = build_runners(model, inputs, pipelines, peers)
-        times = time_interleaved(runners, repeats=repeats, warmup=5)
+        times = time_interleaved(runners, repeats=repeats, warmup=5, pause=0.01)
     eager = times["eager"]
     baselines = {k: v for k, v in times.items() if not k.startswith("orca")}
     best_peer = min(baselines, key=baselines.get)

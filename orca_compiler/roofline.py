@@ -10,7 +10,7 @@ import time
 import warnings
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -57,6 +57,11 @@ def machine_limits() -> dict:
     return {"gemm": peak_gemm(), "bandwidth": memory_bandwidth()}
 
 
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode formula for CPU flash attention: that of scaled_dot_product_attention."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def forward_flops(model: torch.nn.Module, inputs: tuple) -> int:
     """FLOPs of one forward (2 per multiply-add of matmul, conv and attention), as FlopCounterMode counts them."""
     # The counter only sees the aten ops it has formulas for. With grad disabled,
@@ -64,7 +69,7 @@ def forward_flops(model: torch.nn.Module, inputs: tuple) -> int:
     # opaque to it; with grad enabled and oneDNN off they run as counted matmuls. CPU attention
     # is a kernel the counter does not list, so it gets the generic attention formula.
     counter = FlopCounterMode(display=False,
-                              custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop})
+                              custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops})
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")  # mkldnn.flags warns about TF32 on Intel GPUs
         with torch.backends.mkldnn.flags(enabled=False), counter:
