@@ -121,3 +121,18 @@ def test_kernel_choice_prints_times_and_rejections():
     assert str(choice) == ("%linear (linear) -> mkl [measured: mkl 20.0us, tvm 70.5us] "
                            "[out: torch: warm call 240us, >4x the fastest]")
     assert dataclasses.asdict(choice)["times_us"] == {"mkl": 20.0, "tvm": 70.5}
+
+
+def test_whole_program_check_offers_the_fastest_extern_for_each_tvm_choice():
+    from orca_compiler.lowering.lower import _extern_alternative
+
+    KC = kernel_select.KernelChoice
+    choices = {
+        "a": KC("a", "linear", "tvm", "measured", {"tvm": 30.0, "mkl": 31.0, "torch": 49.0}),
+        "b": KC("b", "linear", "mkl", "measured", {"tvm": 40.0, "mkl": 20.0}),
+        "c": KC("c", "lstm.input", "torch", "only candidate"),
+    }
+    alternative = _extern_alternative(choices)
+    assert (alternative["a"].choice, alternative["a"].how) == ("mkl", "whole-program check")
+    assert alternative["b"] is choices["b"] and alternative["c"] is choices["c"]
+    assert _extern_alternative({"b": choices["b"], "c": choices["c"]}) is None

@@ -110,6 +110,48 @@ def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False, kernels: str =
     start = time.perf_counter()
     choices = select_kernels(ir, resolved, kernels, selection_cache, tuning_db)
     selected = time.perf_counter()
+    program = _lower_with(ir, resolved, choices, fullgraph, tuning_db)
+    alternative = _extern_alternative(choices) if kernels == MEASURE else None
+    if alternative is not None:
+        program, choices = _faster_program(ir, resolved, (program, choices),
+                                           (_lower_with(ir, resolved, alternative, fullgraph, tuning_db), alternative))
+    program.build_seconds = time.perf_counter() - selected
+    program.selection_seconds = selected - start
+    program.kernels = list(choices.values())
+    return program
+
+
+def _extern_alternative(choices: dict[str, KernelChoice]) -> dict[str, KernelChoice] | None:
+    """The same choices with every measured TVM kernel swapped for its fastest extern one, or
+    None when no TVM kernel was chosen over an extern candidate.
+
+    A TVM kernel measured alone can lose in the program, where TVM fuses it with its neighbours
+    into a function our schedules may not cover; `_faster_program` settles it on the whole.
+    """
+    swapped = {}
+    for name, choice in choices.items():
+        externs = {k: v for k, v in choice.times_us.items() if k != "tvm"}
+        if choice.choice == "tvm" and externs:
+            best = min(externs, key=externs.get)
+            swapped[name] = KernelChoice(choice.node, choice.op, best, "whole-program check",
+                                         choice.times_us, choice.rejected)
+    return {**choices, **swapped} if swapped else None
+
+
+def _faster_program(ir: GraphIR, target: ResolvedTarget, *candidates):
+    """The (program, choices) pair that runs the whole graph faster on random inputs."""
+    from ..timing import time_interleaved
+    from .kernel_select import random_input
+
+    if not target.device().exist:
+        return candidates[0]
+    inputs = [random_input(node.meta["val"]) for node in ir.input_nodes()]
+    runners = {i: (lambda m: lambda: m(*inputs))(program.module) for i, (program, _) in enumerate(candidates)}
+    times = time_interleaved(runners, repeats=5, warmup=2, block=3)
+    return candidates[min(times, key=times.get)]
+
+
+def _lower_with(ir: GraphIR, resolved: ResolvedTarget, choices: dict, fullgraph: bool, tuning_db) -> LoweredProgram:
     nodes = {node.name: node for node in ir.compute_nodes()}
     externs = {name: bind_extern(nodes[name], ir.gm, impl_named(c.choice))
                for name, c in choices.items() if c.choice != "tvm"}
@@ -132,9 +174,6 @@ def lower(ir: GraphIR, target="llvm", *, fullgraph: bool = False, kernels: str =
             rejected[node] = str(exc)  # retry with that node in eager
             continue
         program.fallbacks = [Fallback(n.name, op_name(n), r) for n, r in unsupported.items()] + program.fallbacks
-        program.build_seconds = time.perf_counter() - selected
-        program.selection_seconds = selected - start
-        program.kernels = list(choices.values())
         return program
 
 
