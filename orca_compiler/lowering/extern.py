@@ -44,8 +44,29 @@ class ExternImpl:
     applies: Callable[[fx.Node], bool] = lambda node: True
 
 
-def _fill(template, activations):
-    return pytree.tree_map(lambda a: activations[a.index] if isinstance(a, _Slot) else a, template)
+def _binder(args, kwargs) -> Callable:
+    """`bind(activations) -> (args, kwargs)` with each `_Slot` of the templates replaced.
+
+    Runs on every call of an extern kernel, so the slots are located once here: the common case
+    (activations only among the top-level positional arguments) is a list copy, and only nested
+    templates (lstm's `hx` list) rebuild the tree.
+    """
+    top = [(pos, a.index) for pos, a in enumerate(args) if isinstance(a, _Slot)]
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    slots = [(i, leaf.index) for i, leaf in enumerate(leaves) if isinstance(leaf, _Slot)]
+    if len(top) == len(slots):
+        def bind(activations):
+            filled = list(args)
+            for pos, index in top:
+                filled[pos] = activations[index]
+            return filled, kwargs
+    else:
+        def bind(activations):
+            filled = list(leaves)
+            for i, index in slots:
+                filled[i] = activations[index]
+            return pytree.tree_unflatten(filled, spec)
+    return bind
 
 
 def _contiguous(result):
@@ -56,10 +77,11 @@ def _contiguous(result):
 
 
 def _make_generic(node, args, kwargs):
-    op = node.target
+    op, bind = node.target, _binder(args, kwargs)
 
     def run(*activations):
-        return _contiguous(op(*_fill(args, activations), **_fill(kwargs, activations)))
+        filled_args, filled_kwargs = bind(activations)
+        return _contiguous(op(*filled_args, **filled_kwargs))
 
     return run
 

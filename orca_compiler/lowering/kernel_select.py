@@ -237,6 +237,8 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
 
     try:
         vm = build(functions)
+    except OrcaError:  # ours already say what is wrong (a bad tuning database)
+        raise
     except Exception as exc:  # one TVM candidate that does not build must not sink the others
         reason = f"TVM build failed: {tvm_error_summary(exc)}"
         log.info("kernel selection: %s; measuring the extern kernels only", reason)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..errors import LoweringError
+from ..errors import LoweringError, OrcaError
 from ..ir import to_exported_program
 from .support import custom_converters
 from .target import ResolvedTarget
@@ -103,12 +103,10 @@ def compile_relax(mod, target: ResolvedTarget, database=None):
 def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = "graph", externs: dict | None = None,
                      database=None):
     """Import and compile `gm`; LoweringError names `what` (the partition) and TVM's complaint."""
-    from .tuning import TuningError
-
     mod = import_relax(gm, externs)
     try:
         return compile_relax(mod, target, database)
-    except TuningError:
+    except OrcaError:  # ours already say what is wrong (a bad tuning database)
         raise
     except Exception as exc:
         error = LoweringError(f"TVM could not build {what} for {target.tvm_target.kind.name}: {tvm_error_summary(exc)}")

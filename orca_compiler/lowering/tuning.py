@@ -327,25 +327,3 @@ def apply_database(mod, target, work_dir: str | Path):
             T.DeadCodeElimination(),  # the prepack PrimFuncs, once folded into the constants
         ]
         return tvm.transform.Sequential(passes)(prepared)
-
-
-def build_tuned_executable(gm, target, work_dir: str | Path, *, what: str = "graph"):
-    """Like relax_build.build_executable, with the schedules of the database in `work_dir`.
-
-    `target` is a ResolvedTarget (or anything `tuning_target` takes). The executable's `main`
-    has the untuned signature: weights are constants, prepacked at compile time.
-    """
-    import tvm
-
-    from ..errors import LoweringError
-    from .relax_build import import_relax, tvm_error_summary
-
-    tvm_target = tuning_target(target)
-    mod = apply_database(import_relax(gm), tvm_target, work_dir)
-    try:
-        with tvm_target:
-            return tvm.compile(mod, target=tvm_target)
-    except Exception as exc:
-        error = LoweringError(f"TVM could not build {what} with the tuning database in {work_dir}: {tvm_error_summary(exc)}")
-        error.node = None
-        raise error from exc
