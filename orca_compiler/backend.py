@@ -1,14 +1,14 @@
 """`torch.compile(model, backend="orca")`: TorchDynamo hands us each captured graph to compile.
 
-Registered on import of orca_compiler and through the `torch_dynamo_backends` entry point, so the
-name works even before orca_compiler is imported. Options: `torch.compile(m, backend="orca",
+Registered through the `torch_dynamo_backends` entry point, so the name works even before
+orca_compiler is imported (`register()` does it by hand from an uninstalled tree). Options: `torch.compile(m, backend="orca",
 options={"pipeline": "O1", "target": "llvm"})`.
 """
 from __future__ import annotations
 
 import torch
 
-_BACKEND_OPTIONS = ("pipeline", "target", "fullgraph", "verify_each")
+_BACKEND_OPTIONS = ("pipeline", "target", "fullgraph", "verify_each", "kernels", "tuning_db")
 
 
 def orca_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
