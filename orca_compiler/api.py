@@ -5,6 +5,7 @@ import time
 from typing import Any, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .capture import capture
 from .errors import CaptureError, OrcaError
@@ -19,13 +20,16 @@ _OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels",
 
 
 def _normalize_inputs(example_inputs: Any) -> tuple:
+    """The example inputs as a tuple (a bare tensor becomes a 1-tuple); its leaves must be
+    tensors (nested tuples/lists such as an LSTM's `(h0, c0)` are kept as they are)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
         raise OrcaError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
-    for i, value in enumerate(example_inputs):
+    leaves, _ = pytree.tree_flatten(tuple(example_inputs))
+    for i, value in enumerate(leaves):
         if not isinstance(value, torch.Tensor):
-            raise OrcaError(f"example_inputs[{i}] must be a tensor, got {type(value).__name__}")
+            raise OrcaError(f"example input leaf {i} must be a tensor, got {type(value).__name__}")
     return tuple(example_inputs)
 
 
@@ -86,7 +90,7 @@ def compile(
     report.capture_method = captured.method
     report.capture_failures = captured.failed_attempts
     ctx = PassContext(
-        example_inputs=inputs,
+        example_inputs=tuple(pytree.tree_leaves(inputs)),
         instruments=list(options.get("instruments") or []),
         verify_each=bool(options.get("verify_each", True)),
         config=dict(options.get("pass_config") or {}),
@@ -107,7 +111,7 @@ def compile(
                       "lowering": t3 - t2 - lowered.selection_seconds, "total": t3 - t0}
     compiled = CompiledModule(
         lowered.module,
-        signature=[InputSignature.of(t) for t in inputs],
+        signature=[InputSignature.of(t) for t in pytree.tree_leaves(inputs)],
         in_spec=ir.in_spec,
         out_spec=ir.out_spec,
         report=report,

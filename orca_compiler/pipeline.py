@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from .errors import PipelineError
 from .pass_base import Pass, build_options, get_pass_class
 
-# O0 runs nothing. O1 cleans the graph and folds BatchNorm into the weights before it.
+# O0 runs nothing. O1 cleans the graph, folds BatchNorm into the weights before it, and turns
+# LSTM/GRU into a hoisted input GEMM plus a recurrence kernel (decompose-rnn runs after
+# fold-constants, which folds the zero initial states it slices).
 # O2/O3 grow as fusion, quantization and placement land (their issues add them here).
 NAMED_PIPELINES: dict[str, str] = {
     "O0": "",
-    "O1": "fold-constants,fold-bn,cse,dce",
-    "O2": "fold-constants,fold-bn,cse,dce",
-    "O3": "fold-constants,fold-bn,cse,dce",
+    "O1": "fold-constants,fold-bn,decompose-rnn,cse,dce",
+    "O2": "fold-constants,fold-bn,decompose-rnn,cse,dce",
+    "O3": "fold-constants,fold-bn,decompose-rnn,cse,dce",
 }
 
 _ELEMENT = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)(\{(?P<opts>[^{}]*)\})?$")

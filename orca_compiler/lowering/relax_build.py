@@ -1,6 +1,8 @@
 """Build one graph (GraphIR conventions) into a TVM Relax executable for a target."""
 from __future__ import annotations
 
+import contextlib
+
 import torch.fx as fx
 
 from ..errors import LoweringError, OrcaError
@@ -65,16 +67,35 @@ def _tracking_importer(externs: dict | None = None):
     return TrackingImporter()
 
 
-def import_relax(gm: fx.GraphModule, externs: dict | None = None):
+def _normalize_negative_select(graph: fx.Graph) -> None:
+    """`select.int(x, dim, -1)` -> `select.int(x, dim, size - 1)`: TVM 0.27's importer takes the
+    index as is, and its `take` then reads out of bounds (x[:, -1] gave errors of ~5 on random
+    data). The size is static here; a symbolic dimension keeps its node (and TVM's result)."""
+    import torch
+
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.select.int:
+            source, dim, index = node.args
+            if isinstance(index, int) and index < 0:
+                size = source.meta["val"].shape[dim]
+                if isinstance(size, int):
+                    node.args = (source, dim, index + size)
+
+
+def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: ResolvedTarget | None = None):
     """GraphIR-convention GraphModule -> Relax IRModule (weights bound as constants).
 
     Nodes named in `externs` (node name -> extern.ExternCall) call that external kernel.
-    LoweringError carries `.node`: the fx node whose conversion failed, when known.
+    `target`, when given, is the current TVM target while converting (our own ops' converters
+    emit target-specific kernels). LoweringError carries `.node`: the fx node whose conversion
+    failed, when known.
     """
     ep = to_exported_program(gm)
+    _normalize_negative_select(ep.graph)
     importer = _tracking_importer(externs)
     try:
-        return importer.from_exported_program(ep, False, False, False, custom_converters() or None)
+        with target.tvm_target if target is not None else contextlib.nullcontext():
+            return importer.from_exported_program(ep, False, False, False, custom_converters() or None)
     except Exception as exc:
         error = LoweringError(f"TVM could not convert %{importer.current_node}: {tvm_error_summary(exc)}")
         error.node = importer.current_node
@@ -103,7 +124,7 @@ def compile_relax(mod, target: ResolvedTarget, database=None):
 def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = "graph", externs: dict | None = None,
                      database=None):
     """Import and compile `gm`; LoweringError names `what` (the partition) and TVM's complaint."""
-    mod = import_relax(gm, externs)
+    mod = import_relax(gm, externs, target)
     try:
         return compile_relax(mod, target, database)
     except OrcaError:  # ours already say what is wrong (a bad tuning database)

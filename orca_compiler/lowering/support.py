@@ -26,6 +26,22 @@ KNOWN_WRONG = frozenset({"batch_norm.default", "lstm.input", "gru.input"})
 _CUSTOM_CONVERTERS: dict[torch._ops.OpOverload, Callable] = {}
 
 
+# Modules of this package whose import registers converters for our own ops (orca_compiler.ops).
+_CONVERTER_MODULES = ("rnn_kernels", "fused_kernels")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_converter_modules() -> None:
+    import importlib
+
+    for name in _CONVERTER_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+
+
 def register_converter(op: torch._ops.OpOverload, converter: Callable) -> None:
     """Register a Relax converter for one of our own torch ops (a torch.library OpOverload)."""
     _CUSTOM_CONVERTERS[op] = converter
@@ -37,6 +53,7 @@ def unregister_converter(op: torch._ops.OpOverload) -> None:
 
 def custom_converters() -> dict[str, Callable]:
     """The registered converters keyed the way TVM's importer looks them up."""
+    _load_converter_modules()
     return {op.__name__: fn for op, fn in _CUSTOM_CONVERTERS.items()}
 
 
@@ -53,6 +70,7 @@ def op_key(target) -> str:
 
 
 def _is_convertible(target) -> bool:
+    _load_converter_modules()
     if target in _CUSTOM_CONVERTERS:
         return True
     if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):

@@ -1,0 +1,234 @@
+"""TVM kernels for the recurrence ops (orca::lstm_scan, orca::gru_scan): the time loop is a TIR loop.
+
+One PrimFunc runs a whole layer direction: for each batch row, for each time step, the recurrent
+GEMV `h @ W_hh^T` into a gate buffer (vectorized over gate columns, a few vector registers per
+chunk), then the gate nonlinearities and the state update fused in one vectorized loop. The time
+and batch extents are symbolic, so one kernel serves every sequence length and batch size, and
+the program does not grow with T (TVM's own importer unrolls every step). Batch rows are
+independent, so they run in parallel when there is enough work; the time loop is serial.
+
+The converters emit `call_tir` of these kernels; they are marked scheduled, so our CPU schedule
+rules leave them alone. CPU (llvm) targets only: elsewhere the converter raises, and the op runs
+in eager PyTorch (reported as a fallback).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import tvm
+from tvm import relax
+from tvm.script import tirx as T
+
+from ..errors import LoweringError
+from ..ops.rnn import GRU_SCAN, LSTM_SCAN
+from .support import register_converter
+from .tir_math import fast_sigmoid, fast_tanh
+
+# Gate columns per vectorized chunk of the GEMV: 64 float32 = 4 AVX-512 (8 AVX2) registers.
+GATE_CHUNK = 64
+# Parallel batch rows only above this many multiply-adds per call (a launch costs 20-50 us when
+# TVM's workers do not spin; see cpu_schedules.PARALLEL_MIN_WORK).
+PARALLEL_MIN_MACS = 1 << 21
+
+
+@dataclass(frozen=True)
+class ScanShape:
+    """The static facts a scan kernel is specialized on (T and B stay symbolic)."""
+
+    hidden: int
+    gates: int           # 4 for the LSTM, 3 for the GRU
+    xproj_width: int     # columns of xproj (gates * hidden, times 2 when directions share it)
+    column: int          # this direction's first column in xproj
+    reverse: bool
+    batch_first: bool
+    parallel: bool
+    dtype: str = "float32"
+
+
+def _chunk(width: int) -> int:
+    """The largest vector chunk (<= GATE_CHUNK) that divides `width`."""
+    for size in (GATE_CHUNK, 32, 16, 8, 4, 2):
+        if width % size == 0:
+            return size
+    return 1
+
+
+def _indexing(shape: ScanShape):
+    """Helpers shared by the kernels: xproj/out shapes and flat row offsets for (t, b)."""
+
+    def dims(steps, batch, width):
+        return (batch, steps, width) if shape.batch_first else (steps, batch, width)
+
+    def row(t, bi, steps, batch):
+        return bi * steps + t if shape.batch_first else t * batch + bi
+
+    def time_index(t, steps):
+        return steps - 1 - t if shape.reverse else t
+
+    return dims, row, time_index
+
+
+def lstm_scan_kernel(shape: ScanShape) -> tvm.tirx.PrimFunc:
+    """The PrimFunc for orca::lstm_scan with these static facts (see ops/rnn.py for semantics)."""
+    H, K, col, dt = shape.hidden, shape.xproj_width, shape.column, shape.dtype
+    G = 4 * H
+    CH = _chunk(G)
+    HC = _chunk(H)
+    dims, row, time_index = _indexing(shape)
+    rows = T.parallel if shape.parallel else T.serial
+
+    @T.prim_func(private=True)
+    def lstm_scan(xp_h: T.handle, w_h: T.handle, h0_h: T.handle, c0_h: T.handle, out_h: T.handle,
+                  hn_h: T.handle, cn_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        n = T.int64()
+        b = T.int64()
+        xp3 = T.match_buffer(xp_h, dims(n, b, K), dt)
+        w = T.match_buffer(w_h, (H, G), dt)
+        h0 = T.match_buffer(h0_h, (b, H), dt)
+        c0 = T.match_buffer(c0_h, (b, H), dt)
+        out3 = T.match_buffer(out_h, dims(n, b, H), dt)
+        hn = T.match_buffer(hn_h, (b, H), dt)
+        cn = T.match_buffer(cn_h, (b, H), dt)
+        xp = T.decl_buffer((n * b * K,), dt, data=xp3.data)
+        out = T.decl_buffer((n * b * H,), dt, data=out3.data)
+        for bi in rows(b):
+            h = T.decl_buffer((H,), dt)
+            c = T.decl_buffer((H,), dt)
+            acc = T.decl_buffer((G,), dt)
+            for j in range(H):
+                h[j] = h0[bi, j]
+                c[j] = c0[bi, j]
+            for t in range(n):
+                ti = time_index(t, n)
+                for jo in range(G // CH):
+                    part = T.decl_buffer((CH,), dt)  # a chunk LLVM keeps in registers over k
+                    for ji in T.vectorized(CH):
+                        part[ji] = xp[row(ti, bi, n, b) * K + col + jo * CH + ji]
+                    for k in range(H):
+                        for ji in T.vectorized(CH):
+                            part[ji] = part[ji] + h[k] * w[k, jo * CH + ji]
+                    for ji in T.vectorized(CH):
+                        acc[jo * CH + ji] = part[ji]
+                for jo in range(H // HC):
+                    for ji in T.vectorized(HC):
+                        c[jo * HC + ji] = (fast_sigmoid(acc[H + jo * HC + ji]) * c[jo * HC + ji]
+                                           + fast_sigmoid(acc[jo * HC + ji]) * fast_tanh(acc[2 * H + jo * HC + ji]))
+                        h[jo * HC + ji] = fast_sigmoid(acc[3 * H + jo * HC + ji]) * fast_tanh(c[jo * HC + ji])
+                        out[row(ti, bi, n, b) * H + jo * HC + ji] = h[jo * HC + ji]
+            for j in range(H):
+                hn[bi, j] = h[j]
+                cn[bi, j] = c[j]
+
+    return lstm_scan
+
+
+def gru_scan_kernel(shape: ScanShape) -> tvm.tirx.PrimFunc:
+    """The PrimFunc for orca::gru_scan with these static facts (see ops/rnn.py for semantics)."""
+    H, K, col, dt = shape.hidden, shape.xproj_width, shape.column, shape.dtype
+    G = 3 * H
+    CH = _chunk(G)
+    HC = _chunk(H)
+    dims, row, time_index = _indexing(shape)
+    rows = T.parallel if shape.parallel else T.serial
+
+    @T.prim_func(private=True)
+    def gru_scan(xp_h: T.handle, w_h: T.handle, bhn_h: T.handle, h0_h: T.handle, out_h: T.handle,
+                 hn_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        n = T.int64()
+        b = T.int64()
+        xp3 = T.match_buffer(xp_h, dims(n, b, K), dt)
+        w = T.match_buffer(w_h, (H, G), dt)
+        bhn = T.match_buffer(bhn_h, (H,), dt)
+        h0 = T.match_buffer(h0_h, (b, H), dt)
+        out3 = T.match_buffer(out_h, dims(n, b, H), dt)
+        hn = T.match_buffer(hn_h, (b, H), dt)
+        xp = T.decl_buffer((n * b * K,), dt, data=xp3.data)
+        out = T.decl_buffer((n * b * H,), dt, data=out3.data)
+        for bi in rows(b):
+            h = T.decl_buffer((H,), dt)
+            acc = T.decl_buffer((G,), dt)
+            for j in range(H):
+                h[j] = h0[bi, j]
+            for t in range(n):
+                ti = time_index(t, n)
+                for jo in range(G // CH):
+                    part = T.decl_buffer((CH,), dt)
+                    for ji in T.vectorized(CH):
+                        part[ji] = T.float32(0)
+                    for k in range(H):
+                        for ji in T.vectorized(CH):
+                            part[ji] = part[ji] + h[k] * w[k, jo * CH + ji]
+                    for ji in T.vectorized(CH):
+                        acc[jo * CH + ji] = part[ji]
+                for jo in range(H // HC):
+                    for ji in T.vectorized(HC):
+                        h[jo * HC + ji] = _gru_update(
+                            xp, row(ti, bi, n, b) * K + col, acc, bhn, h, jo * HC + ji, H, dt)
+                        out[row(ti, bi, n, b) * H + jo * HC + ji] = h[jo * HC + ji]
+            for j in range(H):
+                hn[bi, j] = h[j]
+
+    return gru_scan
+
+
+def _gru_update(xp, base, acc, bhn, h, j, hidden, dtype):
+    """h' = (1 - z) * n + z * h with r, z, n from the step's inputs and the GEMV result."""
+    r = fast_sigmoid(xp[base + j] + acc[j], dtype)
+    z = fast_sigmoid(xp[base + hidden + j] + acc[hidden + j], dtype)
+    candidate = fast_tanh(xp[base + 2 * hidden + j] + r * (acc[2 * hidden + j] + bhn[j]), dtype)
+    return (tvm.tirx.const(1.0, dtype) - z) * candidate + z * h[j]
+
+
+# -- converters ---------------------------------------------------------------------------------
+
+def _static_int(value) -> int | None:
+    return int(value) if isinstance(value, (int, tvm.tirx.IntImm)) else None
+
+
+def _scan_shape(node: fx.Node, importer, gates: int) -> ScanShape:
+    target = tvm.target.Target.current(allow_none=True)
+    if target is not None and target.kind.name != "llvm":
+        raise LoweringError(f"%{node.name}: {node.target} has a CPU kernel only, not {target.kind.name}")
+    xproj = importer.env[node.args[0]]
+    dtype = xproj.ty.dtype
+    if dtype != "float32":
+        raise LoweringError(f"%{node.name}: the {node.target} kernel is float32 only, got {dtype}")
+    reverse, column, batch_first = node.args[-3:]
+    d0, d1, width = xproj.ty.shape.values
+    hidden = node.meta["val"][1].shape[-1]
+    steps, batch = (d1, d0) if batch_first else (d0, d1)
+    work = [_static_int(steps), _static_int(batch)]
+    parallel = None not in work and work[1] > 1 and work[0] * work[1] * gates * hidden * hidden >= PARALLEL_MIN_MACS
+    return ScanShape(int(hidden), gates, int(width), int(column), bool(reverse), bool(batch_first), parallel, dtype)
+
+
+def _emit_scan(node: fx.Node, importer, kernel, shape: ScanShape, operands: list, n_states: int):
+    builder = importer.block_builder
+    xproj = operands[0]
+    d0, d1, _ = xproj.ty.shape.values
+    state = operands[-1].ty
+    out_types = [relax.TensorType((d0, d1, shape.hidden), shape.dtype)]
+    out_types += [relax.TensorType(state.shape, shape.dtype)] * n_states
+    func = builder.add_func(kernel(shape), f"orca_{node.target._overloadpacket.__name__}")
+    return builder.emit(relax.call_tir(func, operands, out_types))
+
+
+def convert_lstm_scan(node: fx.Node, importer):
+    """orca::lstm_scan -> call_tir of lstm_scan_kernel (outputs out, h_n, c_n)."""
+    shape = _scan_shape(node, importer, 4)
+    operands = [importer.env[a] for a in node.args[:4]]
+    return _emit_scan(node, importer, lstm_scan_kernel, shape, operands, 2)
+
+
+def convert_gru_scan(node: fx.Node, importer):
+    """orca::gru_scan -> call_tir of gru_scan_kernel (outputs out, h_n)."""
+    shape = _scan_shape(node, importer, 3)
+    operands = [importer.env[a] for a in node.args[:4]]
+    return _emit_scan(node, importer, gru_scan_kernel, shape, operands, 1)
+
+
+register_converter(LSTM_SCAN, convert_lstm_scan)
+register_converter(GRU_SCAN, convert_gru_scan)

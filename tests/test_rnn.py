@@ -1,0 +1,127 @@
+"""decompose-rnn and the recurrence kernels: every LSTM/GRU flavour equals eager, the time loop is
+a loop (the program does not grow with T), and a trained model keeps its accuracy."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import orca_compiler as oc
+from conftest import assert_outputs_close
+from orca_compiler.capture import capture
+from orca_compiler.lowering.relax_build import import_relax
+from orca_compiler.lowering.support import keep_op_in_capture
+from orca_compiler.pass_manager import PassManager
+from orca_compiler.printer import op_name
+
+FLAVOURS = list(itertools.product(["lstm", "gru"], [False, True], [False, True], [False, True]))
+
+
+def _flavour(cell: str, bidirectional: bool, batch_first: bool, with_state: bool, steps: int = 7, batch: int = 3):
+    """A 2-layer RNN and its inputs; with_state passes initial states (the LSTM's as a tuple)."""
+    torch.manual_seed(0)
+    rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](6, 12, num_layers=2, bidirectional=bidirectional,
+                                                 batch_first=batch_first).eval()
+    x = torch.randn(batch, steps, 6) if batch_first else torch.randn(steps, batch, 6)
+    if not with_state:
+        return rnn, (x,)
+    h0 = torch.randn(2 * (2 if bidirectional else 1), batch, 12)
+    return rnn, (x, (h0, torch.randn_like(h0)) if cell == "lstm" else h0)
+
+
+def _ops(ir) -> list[str]:
+    return [op_name(n) for n in ir.compute_nodes()]
+
+
+@pytest.mark.parametrize("cell,bidirectional,batch_first,with_state", FLAVOURS)
+def test_every_flavour_equals_eager(cell, bidirectional, batch_first, with_state):
+    model, inputs = _flavour(cell, bidirectional, batch_first, with_state)
+    compiled = oc.compile(model, inputs, pipeline="O1")
+    assert compiled.report.fallbacks == []
+    ops = _ops(compiled.ir)
+    assert f"{cell}.input" not in ops
+    assert ops.count(f"orca.{cell}_scan") == 2 * (2 if bidirectional else 1)
+    assert ops.count("linear") == 2  # one hoisted input GEMM per layer, shared by both directions
+    assert_outputs_close(model(*inputs), compiled(*inputs))
+
+
+def test_pass_ir_shape_and_idempotence():
+    model, inputs = _flavour("lstm", False, True, False, steps=5, batch=2)
+    ir = capture(model, inputs, keep_op=keep_op_in_capture).ir
+    ir, records = PassManager("fold-constants,decompose-rnn").run(ir)
+    assert records[-1].stats == {"lstm": 1, "gru": 0, "skipped": 0}
+    scans = [n for n in ir.compute_nodes() if op_name(n) == "orca.lstm_scan"]
+    xproj = scans[0].args[0]
+    assert op_name(xproj) == "linear" and list(xproj.meta["val"].shape) == [2, 5, 48]  # [B, T, 4H], all steps
+    assert list(scans[0].args[1].meta["val"].shape) == [12, 48]  # W_hh transposed
+    assert scans[0].args[4:] == (False, 0, True)  # forward, column 0, batch_first
+    assert_outputs_close(tuple(pytree.tree_leaves(model(*inputs))), ir.run(*inputs))
+    _, again = PassManager("decompose-rnn").run(ir)
+    assert again[0].modified is False
+
+
+def test_lstm_with_projections_stays_whole_and_runs():
+    torch.manual_seed(0)
+    model = nn.LSTM(6, 12, num_layers=2, proj_size=4).eval()
+    inputs = (torch.randn(5, 2, 6),)
+    compiled = oc.compile(model, inputs, pipeline="O1")
+    assert next(r for r in compiled.report.passes if r.name == "decompose-rnn").stats["skipped"] == 1
+    assert "lstm.input" in _ops(compiled.ir)
+    assert_outputs_close(model(*inputs), compiled(*inputs))
+
+
+def _relax_lines(steps: int) -> int:
+    model, inputs = _flavour("lstm", True, False, False, steps=steps)
+    ir = capture(model, inputs, keep_op=keep_op_in_capture).ir
+    ir, _ = PassManager("O1").run(ir)
+    return len(import_relax(ir.gm).script().splitlines())
+
+
+def test_program_does_not_grow_with_sequence_length():
+    # TVM's importer unrolls aten.lstm.input: 785 Relax lines at T=8, 5,713 at T=64.
+    assert _relax_lines(8) == _relax_lines(512)
+
+
+class _SequenceClassifier(nn.Module):
+    def __init__(self, cell: str):
+        super().__init__()
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](4, 24, batch_first=True)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def _task(n: int, generator: torch.Generator):
+    """Which of 4 channels had the largest sum over the sequence: needs memory of every step."""
+    x = torch.randn(n, 16, 4, generator=generator)
+    return x, x.sum(1).argmax(1)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_trained_model_keeps_its_accuracy(cell):
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _SequenceClassifier(cell)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with torch.enable_grad():
+        for _ in range(150):
+            x, y = _task(64, generator)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    x, y = _task(512, generator)
+    eager = model(x)
+    accuracy = (eager.argmax(1) == y).float().mean().item()
+    assert accuracy > 0.85, f"training did not learn the task ({accuracy:.2f})"
+    compiled = oc.compile(model, (x,), pipeline="O1")
+    assert compiled.report.fallbacks == []
+    got = compiled(x)
+    assert (got.argmax(1) == y).float().mean().item() == pytest.approx(accuracy, abs=1 / 512)
+    assert_outputs_close(eager, got)
