@@ -93,9 +93,9 @@ def build_runners(model, inputs, pipelines, peers=PEERS) -> tuple[dict, dict, di
     return runners, compile_s, {"failures": failures, "max_abs_err": errors}
 
 
-def bench_one(name: str, batch: int, pipelines, repeats: int, peers=PEERS) -> dict:
-    """Time one zoo model at one batch size under every backend; a row of the results."""
-    model, inputs = zoo.get(name, batch_size=batch)
+def bench_one(name: str, batch: int, pipelines, repeats: int, peers=PEERS, seq_len: int | None = None) -> dict:
+    """Time one zoo model at one batch size (and sequence length) under every backend; a row of the results."""
+    model, inputs = zoo.get(name, batch_size=batch, seq_len=seq_len)
     flops, nbytes = roofline.forward_flops(model, inputs), roofline.weight_bytes(model)
     with torch.no_grad():
         runners, compile_s, extra = build_runners(model, inputs, pipelines, peers)
@@ -103,7 +103,7 @@ def bench_one(name: str, batch: int, pipelines, repeats: int, peers=PEERS) -> di
     eager = times["eager"]
     baselines = {k: v for k, v in times.items() if not k.startswith("orca")}
     best_peer = min(baselines, key=baselines.get)
-    return {"model": name, "batch": batch, "flops": flops, "weight_bytes": nbytes,
+    return {"model": name, "batch": batch, "seq": seq_len, "flops": flops, "weight_bytes": nbytes,
             "ms": {k: v * 1e3 for k, v in times.items()},
             "speedup_vs_eager": {k: eager / v for k, v in times.items()},
             "best_peer": best_peer,
@@ -111,17 +111,18 @@ def bench_one(name: str, batch: int, pipelines, repeats: int, peers=PEERS) -> di
             "compile_s": compile_s, **extra}
 
 
-def _bench_isolated(name: str, batch: int, args) -> dict:
+def _bench_isolated(name: str, batch: int, seq_len: int | None, args) -> dict:
     # A fresh interpreter per (model, batch): timings taken right after a tuning run in the same
     # process were 2-3x off (issue 3), and a crash of one model must not end the whole run.
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "orca_compiler.bench", "--worker", "--models", name, "--batches", str(batch),
                "--repeats", str(args.repeats), "--pipelines", *args.pipelines, "--peers", *args.peers,
-               "--json", str(out)]
+               "--json", str(out)] + (["--seq-lens", str(seq_len)] if seq_len else [])
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not out.exists():
-            return {"model": name, "batch": batch, "error": f"worker process exited with status {proc.returncode}"}
+            return {"model": name, "batch": batch, "seq": seq_len,
+                    "error": f"worker process exited with status {proc.returncode}"}
         return json.loads(out.read_text())["rows"][0]
 
 
@@ -199,10 +200,15 @@ def _mib(nbytes: int | None) -> str:
     return "unknown" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
 
 
+def _label(row: dict) -> str:
+    """The model column: the zoo name, with the sequence length for sequence models."""
+    return row["model"] + (f" T{row['seq']}" if row.get("seq") else "")
+
+
 def _row_text(row: dict) -> str:
     if "error" in row:
-        return f"{row['model']:<12} b{row['batch']:<3} {row['error']}"
-    parts = [f"{row['model']:<12} b{row['batch']:<3}"]
+        return f"{_label(row):<16} b{row['batch']:<3} {row['error']}"
+    parts = [f"{_label(row):<16} b{row['batch']:<3}"]
     parts += [f"{k} {v:.3f}ms ({row['speedup_vs_eager'][k]:.2f}x)" for k, v in row["ms"].items()]
     parts.append(f"best peer {row['best_peer']}")
     return " | ".join(parts)
@@ -244,7 +250,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## Latency: ms (speedup over eager)", ""]
     header = ["model", "batch", *backends, "best peer", *(f"{o} vs best peer" for o in orca), "orca max abs err"]
     lines += _table(header,
-                    [[r["model"], str(r["batch"]),
+                    [[_label(r), str(r["batch"]),
                       *(f"{r['ms'][b]:.3f} ({r['speedup_vs_eager'][b]:.2f}x)" if b in r["ms"] else "failed"
                         for b in backends),
                       r["best_peer"], *(_cell(r["orca_vs_best_peer"], o, ".2f", "x") for o in orca),
@@ -259,11 +265,11 @@ def markdown(result: dict) -> str:
     compiled = [b for b in backends if b != "eager"]
     lines += ["", "## Compile time: s, first call included", ""]
     lines += _table(["model", "batch", *compiled],
-                    [[r["model"], str(r["batch"]), *(_cell(r["compile_s"], b, ".1f") for b in compiled)] for r in rows])
+                    [[_label(r), str(r["batch"]), *(_cell(r["compile_s"], b, ".1f") for b in compiled)] for r in rows])
     lines += ["", f"## Compute: GFLOP/s (% of the {gemm['gflops']:.0f} GFLOP/s GEMM peak)", "",
               "FLOPs of one forward as torch.utils.flop_counter counts them: matmul, conv and attention.", ""]
     lines += _table(["model", "batch", "MFLOP", *backends],
-                    [[r["model"], str(r["batch"]), f"{r['flops'] / 1e6:.1f}",
+                    [[_label(r), str(r["batch"]), f"{r['flops'] / 1e6:.1f}",
                       *(f"{r['gflops'][b]:.2f} ({100 * r['frac_peak'][b]:.1f}%)" if b in r["ms"] else "-"
                         for b in backends)] for r in rows])
     batch1 = [r for r in rows if r["batch"] == 1]
@@ -273,11 +279,11 @@ def markdown(result: dict) -> str:
                   "Weights smaller than L3 stay cached between calls, so their rate can pass the DRAM bandwidth",
                   "(>100%); the DRAM bound is tight only for weights well beyond L3.", ""]
         lines += _table(["model", "weights MB", *backends],
-                        [[r["model"], f"{r['weight_bytes'] / 1e6:.2f}",
+                        [[_label(r), f"{r['weight_bytes'] / 1e6:.2f}",
                           *(f"{r['weight_gbs'][b]:.2f} ({100 * r['frac_bandwidth'][b]:.1f}%)" if b in r["ms"] else "-"
                             for b in backends)] for r in batch1])
-    failures = [f"- {r['model']} b{r['batch']}: {r['error']}" for r in result["rows"] if "error" in r]
-    failures += [f"- {r['model']} b{r['batch']} {k}: {v}" for r in rows for k, v in r["failures"].items()]
+    failures = [f"- {_label(r)} b{r['batch']}: {r['error']}" for r in result["rows"] if "error" in r]
+    failures += [f"- {_label(r)} b{r['batch']} {k}: {v}" for r in rows for k, v in r["failures"].items()]
     if failures:
         lines += ["", "## Failures", ""] + failures
     return "\n".join(lines) + "\n"
@@ -287,6 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options, shared by `orca bench` and `python tools/bench.py`."""
     parser.add_argument("--models", nargs="*", default=zoo.names(), help="zoo names (default: all)")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--seq-lens", nargs="*", type=int, default=[16, 128],
+                        help="sequence lengths of the sequence models (RNNs) (default: 16 128)")
     parser.add_argument("--pipelines", nargs="*", default=["O1", "O2"], help="orca pipelines (default: O1 O2)")
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
                         help="backends to compare besides eager (default: all)")
@@ -300,10 +308,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _seq_lens(name: str, args) -> list[int | None]:
+    return list(args.seq_lens) if name in zoo.SEQUENCE_MODELS and args.seq_lens else [None]
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark the options describe; print rows as they finish and the Markdown at the end."""
     if args.worker:
-        rows = [bench_one(m, b, args.pipelines, args.repeats, args.peers) for m in args.models for b in args.batches]
+        rows = [bench_one(m, b, args.pipelines, args.repeats, args.peers, t)
+                for m in args.models for b in args.batches for t in _seq_lens(m, args)]
         for row in rows:
             print(_row_text(row), flush=True)
         Path(args.json).write_text(json.dumps({"rows": rows}))
@@ -315,17 +328,18 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for name in args.models:
         for batch in args.batches:
-            if args.isolate:
-                row = _bench_isolated(name, batch, args)
-            else:
-                row = bench_one(name, batch, args.pipelines, args.repeats, args.peers)
-                print(_row_text(row), flush=True)
-            if "error" in row:
-                print(_row_text(row), flush=True)
-            else:
-                add_efficiency(row, limits)
-            rows.append(row)
-    config = {k: getattr(args, k) for k in ("models", "batches", "pipelines", "peers", "repeats", "isolate")}
+            for seq_len in _seq_lens(name, args):
+                if args.isolate:
+                    row = _bench_isolated(name, batch, seq_len, args)
+                else:
+                    row = bench_one(name, batch, args.pipelines, args.repeats, args.peers, seq_len)
+                    print(_row_text(row), flush=True)
+                if "error" in row:
+                    print(_row_text(row), flush=True)
+                else:
+                    add_efficiency(row, limits)
+                rows.append(row)
+    config = {k: getattr(args, k) for k in ("models", "batches", "seq_lens", "pipelines", "peers", "repeats", "isolate")}
     result = {"machine": info, "limits": limits, "config": config, "rows": rows,
               "geomean": geomeans(rows, args.pipelines)}
     text = markdown(result)

@@ -140,24 +140,30 @@ class TransformerEncoderModel(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
-def _rnn_input(batch: int, batch_first: bool, seq: int = 16, features: int = 32) -> torch.Tensor:
+def _rnn_input(batch: int, batch_first: bool, seq: int, features: int = 32) -> torch.Tensor:
     return torch.randn(batch, seq, features) if batch_first else torch.randn(seq, batch, features)
 
 
-# name -> (builder, input maker(batch), default batch, one-line description)
-_ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], int, str]] = {
-    "mlp": (MLP, lambda b: (torch.randn(b, 512),), 8, "MLP 512-1024-1024-10"),
-    "resnet": (ResNetSmall, lambda b: (torch.randn(b, 3, 32, 32),), 1, "ResNet-style CNN, residual adds + BatchNorm"),
-    "mobilenet": (MobileNetSmall, lambda b: (torch.randn(b, 3, 32, 32),), 1, "MobileNetV2-style CNN, depthwise + grouped convs"),
-    "lstm": (lambda: RNNModel("lstm", batch_first=True), lambda b: (_rnn_input(b, True),), 4, "2-layer LSTM, batch_first"),
-    "lstm_bidir": (lambda: RNNModel("lstm", batch_first=False, bidirectional=True), lambda b: (_rnn_input(b, False),), 4,
-                   "2-layer bidirectional LSTM, seq-first"),
-    "gru": (lambda: RNNModel("gru", batch_first=False), lambda b: (_rnn_input(b, False),), 4, "2-layer GRU, seq-first"),
-    "gru_bidir": (lambda: RNNModel("gru", batch_first=True, bidirectional=True), lambda b: (_rnn_input(b, True),), 4,
+# name -> (builder, input maker(batch, seq_len), default batch, one-line description). Sequence
+# models (SEQUENCE_MODELS) take any length; the others ignore it.
+_ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], tuple], int, str]] = {
+    "mlp": (MLP, lambda b, t: (torch.randn(b, 512),), 8, "MLP 512-1024-1024-10"),
+    "resnet": (ResNetSmall, lambda b, t: (torch.randn(b, 3, 32, 32),), 1, "ResNet-style CNN, residual adds + BatchNorm"),
+    "mobilenet": (MobileNetSmall, lambda b, t: (torch.randn(b, 3, 32, 32),), 1,
+                  "MobileNetV2-style CNN, depthwise + grouped convs"),
+    "lstm": (lambda: RNNModel("lstm", batch_first=True), lambda b, t: (_rnn_input(b, True, t),), 4,
+             "2-layer LSTM, batch_first"),
+    "lstm_bidir": (lambda: RNNModel("lstm", batch_first=False, bidirectional=True), lambda b, t: (_rnn_input(b, False, t),),
+                   4, "2-layer bidirectional LSTM, seq-first"),
+    "gru": (lambda: RNNModel("gru", batch_first=False), lambda b, t: (_rnn_input(b, False, t),), 4,
+            "2-layer GRU, seq-first"),
+    "gru_bidir": (lambda: RNNModel("gru", batch_first=True, bidirectional=True), lambda b, t: (_rnn_input(b, True, t),), 4,
                   "2-layer bidirectional GRU, batch_first"),
-    "transformer": (TransformerEncoderModel, lambda b: (torch.randint(0, 1000, (b, 16)),), 2,
+    "transformer": (TransformerEncoderModel, lambda b, t: (torch.randint(0, 1000, (b, 16)),), 2,
                     "Transformer encoder: embedding, 2 layers of MHA + LayerNorm + GELU"),
 }
+SEQUENCE_MODELS = frozenset({"lstm", "lstm_bidir", "gru", "gru_bidir"})
+DEFAULT_SEQ_LEN = 16
 
 
 def names() -> list[str]:
@@ -178,10 +184,16 @@ def _check(name: str) -> str:
     return name
 
 
-def get(name: str, batch_size: int | None = None, seed: int = 0) -> tuple[nn.Module, tuple]:
-    """`(model, example_inputs)` for a zoo model: seeded weights, eval mode, standard input shape."""
+def get(name: str, batch_size: int | None = None, seed: int = 0, seq_len: int | None = None) -> tuple[nn.Module, tuple]:
+    """`(model, example_inputs)` for a zoo model: seeded weights, eval mode, standard input shape.
+
+    `seq_len` sets the sequence length of a sequence model (SEQUENCE_MODELS; default 16)."""
     builder, make_inputs, default_batch, _ = _ZOO[_check(name)]
+    if seq_len is not None and name not in SEQUENCE_MODELS:
+        from .errors import OrcaError
+
+        raise OrcaError(f"zoo model '{name}' has no sequence length; sequence models: {', '.join(sorted(SEQUENCE_MODELS))}")
     torch.manual_seed(seed)
     model = _randomize_batchnorm(builder()).eval()
-    inputs = make_inputs(batch_size or default_batch)
+    inputs = make_inputs(batch_size or default_batch, seq_len or DEFAULT_SEQ_LEN)
     return model, inputs

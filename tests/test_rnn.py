@@ -125,3 +125,12 @@ def test_trained_model_keeps_its_accuracy(cell):
     got = compiled(x)
     assert (got.argmax(1) == y).float().mean().item() == pytest.approx(accuracy, abs=1 / 512)
     assert_outputs_close(eager, got)
+
+
+def test_zoo_sequence_length():
+    _, (x,) = oc.zoo.get("lstm", batch_size=1, seq_len=128)  # batch_first
+    assert tuple(x.shape) == (1, 128, 32)
+    _, (x,) = oc.zoo.get("gru", batch_size=2, seq_len=40)  # seq-first
+    assert tuple(x.shape) == (40, 2, 32)
+    with pytest.raises(oc.OrcaError, match="no sequence length"):
+        oc.zoo.get("mlp", seq_len=8)
