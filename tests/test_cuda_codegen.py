@@ -49,3 +49,14 @@ def test_cuda_conv_and_transformer_generate_code():
         model, inputs = oc.zoo.get(name)
         compiled = oc.compile(model, inputs, target="cuda")
         assert "__global__" in cuda_source(compiled.executables[0]), name
+
+
+@pytest.mark.parametrize("name", ["lstm_bidir", "gru_bidir"])
+def test_cuda_rnn_scan_kernels_generate_code(name):
+    # The recurrence runs as one persistent kernel per direction (no eager fallback on CUDA).
+    model, inputs = oc.zoo.get(name)
+    compiled = oc.compile(model, inputs, target="cuda")
+    assert compiled.report.fallbacks == []
+    source = "".join(cuda_source(e) for e in compiled.executables)
+    cell = name.split("_")[0]
+    assert source.count(f"orca_{cell}_scan") >= 4 and "__syncthreads()" in source

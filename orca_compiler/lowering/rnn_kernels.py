@@ -8,8 +8,9 @@ the program does not grow with T (TVM's own importer unrolls every step). Batch 
 independent, so they run in parallel when there is enough work; the time loop is serial.
 
 The converters emit `call_tir` of these kernels; they are marked scheduled, so our CPU schedule
-rules leave them alone. CPU (llvm) targets only: elsewhere the converter raises, and the op runs
-in eager PyTorch (reported as a fallback).
+rules (and dlight on GPU) leave them alone. On CUDA one thread block runs one batch row, with the
+states in shared memory (the persistent-kernel design of cuDNN's small-batch RNNs). Other targets
+get no kernel: the converter raises, and the op runs in eager PyTorch (reported as a fallback).
 """
 from __future__ import annotations
 
@@ -174,12 +175,131 @@ def gru_scan_kernel(shape: ScanShape) -> tvm.tirx.PrimFunc:
     return gru_scan
 
 
-def _gru_update(xp, base, acc, bhn, h, j, hidden, dtype):
+def _gru_update(xp, base, acc, bhn, h, j, hidden, dtype, sigmoid=fast_sigmoid, tanh=fast_tanh):
     """h' = (1 - z) * n + z * h with r, z, n from the step's inputs and the GEMV result."""
-    r = fast_sigmoid(xp[base + j] + acc[j], dtype)
-    z = fast_sigmoid(xp[base + hidden + j] + acc[hidden + j], dtype)
-    candidate = fast_tanh(xp[base + 2 * hidden + j] + r * (acc[2 * hidden + j] + bhn[j]), dtype)
+    r = sigmoid(xp[base + j] + acc[j])
+    z = sigmoid(xp[base + hidden + j] + acc[hidden + j])
+    candidate = tanh(xp[base + 2 * hidden + j] + r * (acc[2 * hidden + j] + bhn[j]))
     return (tvm.tirx.const(1.0, dtype) - z) * candidate + z * h[j]
+
+# -- CUDA: one thread block per batch row, threads over gate columns, states in shared memory ----
+
+# Threads per block: one per gate column up to this many (then each thread takes several).
+GPU_THREADS = 256
+
+
+def _gpu_threads(columns: int) -> int:
+    return min(GPU_THREADS, (columns + 31) // 32 * 32)
+
+
+def lstm_scan_kernel_cuda(shape: ScanShape) -> tvm.tirx.PrimFunc:
+    """orca::lstm_scan for CUDA: a persistent kernel, one block per batch row; each step is a
+    GEMV over the block's threads, a barrier, the fused gate update, and a barrier."""
+    H, K, col, dt = shape.hidden, shape.xproj_width, shape.column, shape.dtype
+    G = 4 * H
+    NT = _gpu_threads(G)
+    dims, row, time_index = _indexing(shape)
+
+    @T.prim_func(private=True)
+    def lstm_scan(xp_h: T.handle, w_h: T.handle, h0_h: T.handle, c0_h: T.handle, out_h: T.handle,
+                  hn_h: T.handle, cn_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        n = T.int64()
+        b = T.int64()
+        xp3 = T.match_buffer(xp_h, dims(n, b, K), dt)
+        w = T.match_buffer(w_h, (H, G), dt)
+        h0 = T.match_buffer(h0_h, (b, H), dt)
+        c0 = T.match_buffer(c0_h, (b, H), dt)
+        out3 = T.match_buffer(out_h, dims(n, b, H), dt)
+        hn = T.match_buffer(hn_h, (b, H), dt)
+        cn = T.match_buffer(cn_h, (b, H), dt)
+        xp = T.decl_buffer((n * b * K,), dt, data=xp3.data)
+        out = T.decl_buffer((n * b * H,), dt, data=out3.data)
+        bi = T.launch_thread("blockIdx.x", b)
+        tx = T.launch_thread("threadIdx.x", NT)
+        h = T.decl_buffer((H,), dt, scope="shared")
+        c = T.decl_buffer((H,), dt, scope="shared")
+        acc = T.decl_buffer((G,), dt, scope="shared")
+        s = T.decl_buffer((1,), dt, scope="local")
+        for jo in range((H + NT - 1) // NT):
+            if jo * NT + tx < H:
+                h[jo * NT + tx] = h0[bi, jo * NT + tx]
+                c[jo * NT + tx] = c0[bi, jo * NT + tx]
+        T.tvm_storage_sync("shared")
+        for t in range(n):
+            ti = time_index(t, n)
+            for jo in range((G + NT - 1) // NT):
+                if jo * NT + tx < G:
+                    s[0] = xp[row(ti, bi, n, b) * K + col + jo * NT + tx]
+                    for k in range(H):
+                        s[0] = s[0] + h[k] * w[k, jo * NT + tx]
+                    acc[jo * NT + tx] = s[0]
+            T.tvm_storage_sync("shared")
+            for jo in range((H + NT - 1) // NT):
+                if jo * NT + tx < H:
+                    c[jo * NT + tx] = (T.sigmoid(acc[H + jo * NT + tx]) * c[jo * NT + tx]
+                                       + T.sigmoid(acc[jo * NT + tx]) * T.tanh(acc[2 * H + jo * NT + tx]))
+                    h[jo * NT + tx] = T.sigmoid(acc[3 * H + jo * NT + tx]) * T.tanh(c[jo * NT + tx])
+                    out[row(ti, bi, n, b) * H + jo * NT + tx] = h[jo * NT + tx]
+            T.tvm_storage_sync("shared")
+        for jo in range((H + NT - 1) // NT):
+            if jo * NT + tx < H:
+                hn[bi, jo * NT + tx] = h[jo * NT + tx]
+                cn[bi, jo * NT + tx] = c[jo * NT + tx]
+
+    return lstm_scan
+
+
+def gru_scan_kernel_cuda(shape: ScanShape) -> tvm.tirx.PrimFunc:
+    """orca::gru_scan for CUDA, organized as lstm_scan_kernel_cuda."""
+    H, K, col, dt = shape.hidden, shape.xproj_width, shape.column, shape.dtype
+    G = 3 * H
+    NT = _gpu_threads(G)
+    dims, row, time_index = _indexing(shape)
+
+    @T.prim_func(private=True)
+    def gru_scan(xp_h: T.handle, w_h: T.handle, bhn_h: T.handle, h0_h: T.handle, out_h: T.handle,
+                 hn_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        n = T.int64()
+        b = T.int64()
+        xp3 = T.match_buffer(xp_h, dims(n, b, K), dt)
+        w = T.match_buffer(w_h, (H, G), dt)
+        bhn = T.match_buffer(bhn_h, (H,), dt)
+        h0 = T.match_buffer(h0_h, (b, H), dt)
+        out3 = T.match_buffer(out_h, dims(n, b, H), dt)
+        hn = T.match_buffer(hn_h, (b, H), dt)
+        xp = T.decl_buffer((n * b * K,), dt, data=xp3.data)
+        out = T.decl_buffer((n * b * H,), dt, data=out3.data)
+        bi = T.launch_thread("blockIdx.x", b)
+        tx = T.launch_thread("threadIdx.x", NT)
+        h = T.decl_buffer((H,), dt, scope="shared")
+        acc = T.decl_buffer((G,), dt, scope="shared")
+        s = T.decl_buffer((1,), dt, scope="local")
+        for jo in range((H + NT - 1) // NT):
+            if jo * NT + tx < H:
+                h[jo * NT + tx] = h0[bi, jo * NT + tx]
+        T.tvm_storage_sync("shared")
+        for t in range(n):
+            ti = time_index(t, n)
+            for jo in range((G + NT - 1) // NT):
+                if jo * NT + tx < G:
+                    s[0] = T.float32(0)
+                    for k in range(H):
+                        s[0] = s[0] + h[k] * w[k, jo * NT + tx]
+                    acc[jo * NT + tx] = s[0]
+            T.tvm_storage_sync("shared")
+            for jo in range((H + NT - 1) // NT):
+                if jo * NT + tx < H:
+                    h[jo * NT + tx] = _gru_update(xp, row(ti, bi, n, b) * K + col, acc, bhn, h, jo * NT + tx, H, dt,
+                                                  T.sigmoid, T.tanh)
+                    out[row(ti, bi, n, b) * H + jo * NT + tx] = h[jo * NT + tx]
+            T.tvm_storage_sync("shared")
+        for jo in range((H + NT - 1) // NT):
+            if jo * NT + tx < H:
+                hn[bi, jo * NT + tx] = h[jo * NT + tx]
+
+    return gru_scan
 
 
 # -- converters ---------------------------------------------------------------------------------
@@ -188,10 +308,14 @@ def _static_int(value) -> int | None:
     return int(value) if isinstance(value, (int, tvm.tirx.IntImm)) else None
 
 
-def _scan_shape(node: fx.Node, importer, gates: int) -> ScanShape:
+def _target_kind() -> str:
     target = tvm.target.Target.current(allow_none=True)
-    if target is not None and target.kind.name != "llvm":
-        raise LoweringError(f"%{node.name}: {node.target} has a CPU kernel only, not {target.kind.name}")
+    return "llvm" if target is None else target.kind.name
+
+
+def _scan_shape(node: fx.Node, importer, gates: int) -> ScanShape:
+    if _target_kind() not in KERNELS:
+        raise LoweringError(f"%{node.name}: {node.target} has kernels for {', '.join(KERNELS)}, not {_target_kind()}")
     xproj = importer.env[node.args[0]]
     dtype = xproj.ty.dtype
     if dtype != "float32":
@@ -201,12 +325,13 @@ def _scan_shape(node: fx.Node, importer, gates: int) -> ScanShape:
     hidden = node.meta["val"][1].shape[-1]
     steps, batch = (d1, d0) if batch_first else (d0, d1)
     work = [_static_int(steps), _static_int(batch)]
-    parallel = None not in work and work[1] > 1 and work[0] * work[1] * gates * hidden * hidden >= PARALLEL_MIN_MACS
+    parallel = _target_kind() == "llvm" and None not in work and work[1] > 1 and work[0] * work[1] * gates * hidden * hidden >= PARALLEL_MIN_MACS
     return ScanShape(int(hidden), gates, int(width), int(column), bool(reverse), bool(batch_first), parallel, dtype)
 
 
-def _emit_scan(node: fx.Node, importer, kernel, shape: ScanShape, operands: list, n_states: int):
+def _emit_scan(node: fx.Node, importer, cell: str, shape: ScanShape, operands: list, n_states: int):
     builder = importer.block_builder
+    kernel = KERNELS[_target_kind()][cell]
     xproj = operands[0]
     d0, d1, _ = xproj.ty.shape.values
     state = operands[-1].ty
@@ -220,15 +345,21 @@ def convert_lstm_scan(node: fx.Node, importer):
     """orca::lstm_scan -> call_tir of lstm_scan_kernel (outputs out, h_n, c_n)."""
     shape = _scan_shape(node, importer, 4)
     operands = [importer.env[a] for a in node.args[:4]]
-    return _emit_scan(node, importer, lstm_scan_kernel, shape, operands, 2)
+    return _emit_scan(node, importer, "lstm", shape, operands, 2)
 
 
 def convert_gru_scan(node: fx.Node, importer):
     """orca::gru_scan -> call_tir of gru_scan_kernel (outputs out, h_n)."""
     shape = _scan_shape(node, importer, 3)
     operands = [importer.env[a] for a in node.args[:4]]
-    return _emit_scan(node, importer, gru_scan_kernel, shape, operands, 1)
+    return _emit_scan(node, importer, "gru", shape, operands, 1)
 
+
+# target kind -> cell -> kernel generator
+KERNELS = {
+    "llvm": {"lstm": lstm_scan_kernel, "gru": gru_scan_kernel},
+    "cuda": {"lstm": lstm_scan_kernel_cuda, "gru": gru_scan_kernel_cuda},
+}
 
 register_converter(LSTM_SCAN, convert_lstm_scan)
 register_converter(GRU_SCAN, convert_gru_scan)
