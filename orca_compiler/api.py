@@ -16,7 +16,7 @@ from .report import CompileReport
 from .ir import GraphIR
 from .runtime import CompiledModule, IndexGuard, InputSignature
 
-_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db")
+_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db", "dynamic_shapes")
 
 
 def _normalize_inputs(example_inputs: Any) -> tuple:
@@ -31,6 +31,11 @@ def _normalize_inputs(example_inputs: Any) -> tuple:
         if not isinstance(value, torch.Tensor):
             raise OrcaError(f"example input leaf {i} must be a tensor, got {type(value).__name__}")
     return tuple(example_inputs)
+
+
+def _symbolic_dims(placeholder) -> set[int]:
+    """The dimensions of an input the IR holds as symbols (sized at call time)."""
+    return {i for i, s in enumerate(placeholder.meta["val"].shape) if not isinstance(s, int)}
 
 
 def index_guards(ir: GraphIR) -> list[IndexGuard]:
@@ -54,8 +59,11 @@ def compile(
 ) -> CompiledModule:
     """Compile `model` for `target` and return a CompiledModule that is called like `model`.
 
-    `example_inputs` is a tuple of tensors with the shapes and dtypes the module will be called
-    with (shapes are static). `pipeline` is pipeline text or a named pipeline (O0..O3). Options:
+    `example_inputs` is a tuple of tensors (nested tuples/lists allowed, e.g. an LSTM's
+    `(x, (h0, c0))`) with the shapes and dtypes the module will be called with. Shapes are static
+    unless `dynamic_shapes` (torch.export's format, e.g. `({1: torch.export.Dim("T")},)`) marks
+    dimensions that vary: those are symbols in the IR and the program, and any size is accepted
+    at call time without recompiling. `pipeline` is pipeline text or a named pipeline (O0..O3). Options:
     `fullgraph` (default False: unsupported ops and capture failures fall back to eager and are
     reported; True makes them errors), `verify_each` (verify the IR after every pass, default
     True), `instruments` (a list of orca_compiler.instruments.Instrument), `pass_config` (a dict
@@ -63,7 +71,7 @@ def compile(
     fastest of its TVM and external kernels, measured once per shape and cached on disk; or
     "tvm" / "torch" / "mkldnn" / "mkl" to force that kernel wherever it applies), `tuning_db` (a
     meta_schedule database folder, see lowering/tuning.py: TVM kernels use its schedules where it
-    has records). Assumes an inference model (model.eval()).
+    has records), `dynamic_shapes` (above). Assumes an inference model (model.eval()).
     """
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -78,7 +86,7 @@ def compile(
     report = CompileReport(pipeline=manager.text, target=str(resolved.tvm_target.kind.name))
     t0 = time.perf_counter()
     try:
-        captured = capture(model, inputs, keep_op=keep_op_in_capture)
+        captured = capture(model, inputs, keep_op=keep_op_in_capture, dynamic_shapes=options.get("dynamic_shapes"))
     except CaptureError as exc:
         if fullgraph:
             raise
@@ -111,7 +119,7 @@ def compile(
                       "lowering": t3 - t2 - lowered.selection_seconds, "total": t3 - t0}
     compiled = CompiledModule(
         lowered.module,
-        signature=[InputSignature.of(t) for t in pytree.tree_leaves(inputs)],
+        signature=[InputSignature.of(t, _symbolic_dims(node)) for t, node in zip(pytree.tree_leaves(inputs), ir.input_nodes())],
         in_spec=ir.in_spec,
         out_spec=ir.out_spec,
         report=report,

@@ -15,6 +15,7 @@ import torch
 
 from .errors import CaptureError
 from .ir import GraphIR, from_exported_program
+from .ops.rnn import rnn_capture_shim
 
 
 @dataclass
@@ -66,11 +67,15 @@ def capture(
     example_inputs: tuple,
     *,
     keep_op: Callable[[torch._ops.OpOverload], bool] | None = None,
+    dynamic_shapes=None,
 ) -> CaptureResult:
     """Capture `model` called on `example_inputs` (a tuple of tensors) as a GraphIR.
 
     Tries torch.export (non-strict), then torch.fx.symbolic_trace followed by torch.export of the
     traced module. Raises CaptureError listing each attempt's failure if none works.
+    `dynamic_shapes` (torch.export's format) marks input dimensions that vary between calls; the
+    IR then carries them as symbols. nn.LSTM / nn.GRU are captured as orca::lstm / orca::gru
+    then, since torch.export would specialize their sequence length (ops/rnn.py).
     """
     attempts: list[tuple[str, str]] = []
     candidates = [("torch.export", lambda: model)]
@@ -78,8 +83,9 @@ def capture(
         candidates.append(("symbolic_trace+torch.export", lambda: torch.fx.symbolic_trace(model)))
     for method, make in candidates:
         try:
-            with torch.no_grad(), _quiet_torch_internals():
-                ep = torch.export.export(make(), tuple(example_inputs), strict=False)
+            shim = rnn_capture_shim() if dynamic_shapes is not None else contextlib.nullcontext()
+            with torch.no_grad(), _quiet_torch_internals(), shim:
+                ep = torch.export.export(make(), tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
         except CaptureError:
             raise
         except Exception as exc:  # export raises many types (UserError, Unsupported, RuntimeError...)

@@ -53,27 +53,36 @@ class TVMGraphModule(torch.nn.Module):
 
 @dataclass(frozen=True)
 class InputSignature:
-    """Shape, dtype and device of one input, as compiled."""
+    """Shape, dtype and device of one input, as compiled; None in `shape` is a dimension compiled
+    as symbolic (any size at call time)."""
 
     shape: tuple
     dtype: torch.dtype
     device: str
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> "InputSignature":
-        return cls(tuple(tensor.shape), tensor.dtype, tensor.device.type)
+    def of(cls, tensor: torch.Tensor, dynamic_dims=()) -> "InputSignature":
+        shape = tuple(None if i in dynamic_dims else s for i, s in enumerate(tensor.shape))
+        return cls(shape, tensor.dtype, tensor.device.type)
+
+    def _shape_matches(self, shape) -> bool:
+        if None not in self.shape:
+            return shape == self.shape
+        return len(shape) == len(self.shape) and all(a is None or a == b for a, b in zip(self.shape, shape))
 
     def matches(self, tensor) -> bool:
         """The fast check run on every call; `check` explains a mismatch."""
-        return (type(tensor) is torch.Tensor and tensor.shape == self.shape and tensor.dtype == self.dtype
+        return (type(tensor) is torch.Tensor and self._shape_matches(tensor.shape) and tensor.dtype == self.dtype
                 and tensor.device.type == self.device)
 
     def check(self, index: int, tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise InputMismatchError(f"input {index}: expected a tensor, got {type(tensor).__name__}")
         problems = []
-        if tuple(tensor.shape) != self.shape:
-            problems.append(f"shape {tuple(tensor.shape)} (compiled for {self.shape})")
+        if not self._shape_matches(tuple(tensor.shape)):
+            compiled = tuple("*" if s is None else s for s in self.shape)
+            problems.append(f"shape {tuple(tensor.shape)} (compiled for {compiled}; * = any size)"
+                            if None in self.shape else f"shape {tuple(tensor.shape)} (compiled for {self.shape})")
         if tensor.dtype != self.dtype:
             problems.append(f"dtype {tensor.dtype} (compiled for {self.dtype})")
         if tensor.device.type != self.device:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from orca_compiler.ir import GraphIR
-from orca_compiler.ops.rnn import GRU_SCAN, LSTM_SCAN
+from orca_compiler.ops.rnn import GRU, GRU_SCAN, LSTM, LSTM_SCAN
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -42,6 +42,8 @@ class _Cell:
 _CELLS = {
     aten.lstm.input: _Cell("lstm", 4, 2, LSTM_SCAN),
     aten.gru.input: _Cell("gru", 3, 1, GRU_SCAN),
+    LSTM: _Cell("lstm", 4, 2, LSTM_SCAN),  # the same RNNs, captured with a symbolic sequence length
+    GRU: _Cell("gru", 3, 1, GRU_SCAN),
 }
 
 

@@ -134,3 +134,23 @@ def test_zoo_sequence_length():
     assert tuple(x.shape) == (40, 2, 32)
     with pytest.raises(oc.OrcaError, match="no sequence length"):
         oc.zoo.get("mlp", seq_len=8)
+
+
+@pytest.mark.parametrize("name,time_dim", [("lstm_bidir", 0), ("gru_bidir", 1), ("lstm", 1)])
+def test_variable_sequence_length_without_recompiling(name, time_dim):
+    from torch.export import Dim
+
+    model, (x,) = oc.zoo.get(name)
+    compiled = oc.compile(model, (x,), dynamic_shapes=({time_dim: Dim("T", min=1, max=1 << 20)},))
+    assert compiled.report.fallbacks == []
+    executables = list(compiled.executables)
+    for steps in (1, 5, 16, 61):
+        shape = list(x.shape)
+        shape[time_dim] = steps
+        longer = torch.randn(shape)
+        assert_outputs_close(model(longer), compiled(longer))
+    assert compiled.executables == executables  # one program for every length
+    wrong_batch = list(x.shape)
+    wrong_batch[1 - time_dim] += 1
+    with pytest.raises(oc.InputMismatchError, match=r"\* = any size"):
+        compiled(torch.randn(wrong_batch))

@@ -100,9 +100,14 @@ def select_kernels(ir: GraphIR, target: ResolvedTarget, mode: str = MEASURE,
         names = candidates(node)
         if not names or names == ["tvm"]:
             continue
-        if len(names) == 1 or not can_measure:
+        symbolic = has_symbolic_shape(node)
+        if len(names) == 1 or not can_measure or symbolic:
             if len(names) == 1:
                 preferred, how = names[0], "only candidate"
+            elif symbolic and mode not in names:
+                # Its size changes from call to call: a measurement at one size decides nothing,
+                # and torch's own kernel is never slower than eager.
+                preferred, how = ("torch" if "torch" in names else "tvm"), "symbolic shape, not measured"
             elif mode in names:
                 preferred, how = mode, "forced"
             else:
@@ -165,11 +170,23 @@ def probe_graph(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.N
     return fx.GraphModule(root, graph), copy
 
 
+def example_shape(val) -> tuple[int, ...]:
+    """FakeTensor `val`'s shape, with each symbolic dimension at its example value."""
+    return tuple(int(s) if isinstance(s, int) else int(s.node.hint) for s in val.shape)
+
+
+def has_symbolic_shape(node: fx.Node) -> bool:
+    """Whether a tensor `node` reads or produces has a symbolic (call-time) dimension."""
+    vals = [a.meta.get("val") for a in node.all_input_nodes] + [node.meta.get("val")]
+    leaves = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    return any(not isinstance(s, int) for t in leaves for s in t.shape)
+
+
 def random_input(val) -> torch.Tensor:
     """A tensor like FakeTensor `val`: normal floats, zeros for integers (valid indices)."""
     if val.dtype.is_floating_point:
-        return torch.randn(tuple(val.shape), dtype=val.dtype, device=val.device)
-    return torch.zeros(tuple(val.shape), dtype=val.dtype, device=val.device)
+        return torch.randn(example_shape(val), dtype=val.dtype, device=val.device)
+    return torch.zeros(example_shape(val), dtype=val.dtype, device=val.device)
 
 
 def _as_torch_list(result) -> list[torch.Tensor]:

@@ -19,13 +19,52 @@ def tvm_error_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:400]}"
 
 
-def _extern_type(val):
+def _tir_dim(size, symbols: dict):
+    """One dimension of an extern result as Relax wants it: an int, or the TIR expression of a
+    symbolic size in terms of the shape variables the operands carry (`symbols`: name -> Var)."""
+    import sympy
+    from tvm import tirx
+
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+
+    def convert(e):
+        if isinstance(e, sympy.Symbol) and str(e) in symbols:
+            return symbols[str(e)]
+        if isinstance(e, sympy.Integer):
+            return tirx.const(int(e), "int64")
+        if isinstance(e, (sympy.Add, sympy.Mul)):
+            parts = [convert(a) for a in e.args]
+            result = parts[0]
+            for part in parts[1:]:
+                result = result + part if isinstance(e, sympy.Add) else result * part
+            return result
+        raise LoweringError(f"an external kernel's result has a size ({expr}) not expressible in its inputs' sizes")
+
+    return convert(expr)
+
+
+def _extern_type(val, symbols: dict):
     """The Relax type of an extern call's result, from the node's FakeTensor value(s)."""
     from tvm import relax
 
     if isinstance(val, (tuple, list)):
-        return relax.TupleType([_extern_type(v) for v in val])
-    return relax.TensorType(tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", ""))
+        return relax.TupleType([_extern_type(v, symbols) for v in val])
+    return relax.TensorType([_tir_dim(s, symbols) for s in val.shape], str(val.dtype).replace("torch.", ""))
+
+
+def _shape_symbols(operands) -> dict:
+    """name -> TIR Var of every symbol in the operands' shapes (`16 * s0` contributes s0)."""
+    from tvm import tirx
+
+    symbols = {}
+    for operand in operands:
+        shape = getattr(operand.ty, "shape", None)
+        for dim in getattr(shape, "values", None) or ():
+            for var in tirx.analysis.undefined_vars(dim, []):
+                symbols[var.name] = var
+    return symbols
 
 
 def _tracking_importer(externs: dict | None = None):
@@ -52,7 +91,8 @@ def _tracking_importer(externs: dict | None = None):
         def _emit_extern(self, node, call):
             by_name = {n.name: n for n in node.all_input_nodes}
             operands = [self.env[by_name[name]] for name in call.activation_names]
-            result = relax.call_pure_packed(call.func_name, *operands, ty_args=_extern_type(node.meta["val"]))
+            result_type = _extern_type(node.meta["val"], _shape_symbols(operands))
+            result = relax.call_pure_packed(call.func_name, *operands, ty_args=result_type)
             return self.block_builder.emit(result)
 
         def _check_unsupported_func_type(self, nodes):

@@ -324,8 +324,11 @@ def _scan_shape(node: fx.Node, importer, gates: int) -> ScanShape:
     d0, d1, width = xproj.ty.shape.values
     hidden = node.meta["val"][1].shape[-1]
     steps, batch = (d1, d0) if batch_first else (d0, d1)
-    work = [_static_int(steps), _static_int(batch)]
-    parallel = _target_kind() == "llvm" and None not in work and work[1] > 1 and work[0] * work[1] * gates * hidden * hidden >= PARALLEL_MIN_MACS
+    steps, batch = _static_int(steps), _static_int(batch)
+    # A symbolic sequence length counts as long; a symbolic batch stays serial.
+    macs = None if steps is None or batch is None else steps * batch * gates * hidden * hidden
+    parallel = (_target_kind() == "llvm" and batch is not None and batch > 1
+                and (macs is None or macs >= PARALLEL_MIN_MACS))
     return ScanShape(int(hidden), gates, int(width), int(column), bool(reverse), bool(batch_first), parallel, dtype)
 
 

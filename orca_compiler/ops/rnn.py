@@ -20,6 +20,8 @@ The eager implementations loop in Python (reference semantics, and eager fallbac
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -97,3 +99,88 @@ def _gru_scan_fake(xproj, w_hh_t, b_hn, h0, reverse, column, batch_first):
 
 LSTM_SCAN = torch.ops.orca.lstm_scan.default
 GRU_SCAN = torch.ops.orca.gru_scan.default
+
+
+# -- whole RNNs with a symbolic time dimension --------------------------------------------------
+# torch.export specializes the sequence length of nn.LSTM / nn.GRU: aten.lstm.input's shape
+# function is its Python decomposition, which loops over the steps. `rnn_capture_shim` (used by
+# capture when shapes are dynamic) routes the modules' calls to these ops instead: the same
+# arguments as aten.lstm.input / aten.gru.input, torch's kernels in eager, and shape functions
+# that keep T symbolic. decompose-rnn decomposes them like the aten ops.
+
+def _whole_rnn_shapes(x: Tensor, params: list[Tensor], num_layers: int, bidirectional: bool,
+                      batch_first: bool) -> tuple[tuple, tuple]:
+    """Output and state shapes of a whole RNN (torch's layouts)."""
+    directions = 2 if bidirectional else 1
+    hidden = params[1].shape[1]  # w_hh_l0: [gates * H, H]
+    out = (*x.shape[:2], directions * hidden)
+    return out, (num_layers * directions, x.shape[0] if batch_first else x.shape[1], hidden)
+
+
+@torch.library.custom_op("orca::lstm", mutates_args=())
+def lstm(x: Tensor, hx: list[Tensor], params: list[Tensor], has_biases: bool, num_layers: int, dropout: float,
+         train: bool, bidirectional: bool, batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """aten.lstm.input with a shape function that does not specialize the sequence length."""
+    out, h, c = torch.ops.aten.lstm.input(x, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                                          batch_first)
+    return out, h, c
+
+
+@torch.library.custom_op("orca::gru", mutates_args=())
+def gru(x: Tensor, hx: Tensor, params: list[Tensor], has_biases: bool, num_layers: int, dropout: float,
+        train: bool, bidirectional: bool, batch_first: bool) -> tuple[Tensor, Tensor]:
+    """aten.gru.input with a shape function that does not specialize the sequence length."""
+    out, h = torch.ops.aten.gru.input(x, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                                      batch_first)
+    return out, h
+
+
+@lstm.register_fake
+def _lstm_fake(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    out, state = _whole_rnn_shapes(x, params, num_layers, bidirectional, batch_first)
+    return x.new_empty(out), x.new_empty(state), x.new_empty(state)
+
+
+@gru.register_fake
+def _gru_fake(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    out, state = _whole_rnn_shapes(x, params, num_layers, bidirectional, batch_first)
+    return x.new_empty(out), x.new_empty(state)
+
+
+LSTM = torch.ops.orca.lstm.default
+GRU = torch.ops.orca.gru.default
+
+
+class _VFShim:
+    """Stands in for torch.nn.modules.rnn._VF: the input-tensor forms of lstm/gru go to our ops,
+    everything else (packed sequences, other RNNs) to torch."""
+
+    def __init__(self, vf):
+        self._vf = vf
+
+    def __getattr__(self, name):
+        return getattr(self._vf, name)
+
+    def lstm(self, *args):
+        if len(args) == 9 and isinstance(args[1], (list, tuple)):  # (input, hx, params, ...)
+            return LSTM(args[0], list(args[1]), list(args[2]), *args[3:])
+        return self._vf.lstm(*args)
+
+    def gru(self, *args):
+        if len(args) == 9 and isinstance(args[2], (list, tuple)):  # (input, hx, params, ...)
+            return GRU(args[0], args[1], list(args[2]), *args[3:])
+        return self._vf.gru(*args)
+
+
+@contextlib.contextmanager
+def rnn_capture_shim():
+    """Within this context nn.LSTM / nn.GRU call orca::lstm / orca::gru (see above). Not thread-safe:
+    it swaps a module global of torch.nn.modules.rnn for the duration."""
+    from torch.nn.modules import rnn as rnn_module
+
+    original = rnn_module._VF
+    rnn_module._VF = _VFShim(original)
+    try:
+        yield
+    finally:
+        rnn_module._VF = original
