@@ -74,8 +74,9 @@ def capture(
     Tries torch.export (non-strict), then torch.fx.symbolic_trace followed by torch.export of the
     traced module. Raises CaptureError listing each attempt's failure if none works.
     `dynamic_shapes` (torch.export's format) marks input dimensions that vary between calls; the
-    IR then carries them as symbols. nn.LSTM / nn.GRU are captured as orca::lstm / orca::gru
-    then, since torch.export would specialize their sequence length (ops/rnn.py).
+    IR then carries them as symbols. nn.LSTM / nn.GRU are captured as orca::lstm / orca::gru:
+    torch.export would trace aten.lstm's shape function step by step (15 s at T=512) and
+    specialize the sequence length (ops/rnn.py).
     """
     attempts: list[tuple[str, str]] = []
     candidates = [("torch.export", lambda: model)]
@@ -83,8 +84,7 @@ def capture(
         candidates.append(("symbolic_trace+torch.export", lambda: torch.fx.symbolic_trace(model)))
     for method, make in candidates:
         try:
-            shim = rnn_capture_shim() if dynamic_shapes is not None else contextlib.nullcontext()
-            with torch.no_grad(), _quiet_torch_internals(), shim:
+            with torch.no_grad(), _quiet_torch_internals(), rnn_capture_shim():
                 ep = torch.export.export(make(), tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
         except CaptureError:
             raise

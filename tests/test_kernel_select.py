@@ -39,7 +39,7 @@ def test_rnn_ops_left_whole_run_as_torch_kernels():
     # O0 has no decompose-rnn: the LSTM is one op, and torch's kernel its only candidate.
     model, inputs = zoo.get("lstm")
     compiled = oc.compile(model, inputs, pipeline="O0")
-    (lstm,) = [k for k in compiled.report.kernels if k.op == "lstm.input"]
+    (lstm,) = [k for k in compiled.report.kernels if k.op == "orca.lstm"]
     assert (lstm.choice, lstm.how) == ("torch", "only candidate")
     assert_outputs_close(model(*inputs), compiled(*inputs))
 

@@ -18,6 +18,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from ..ops import rnn as rnn_ops
+
 aten = torch.ops.aten
 
 
@@ -139,6 +141,7 @@ HEAVY_OPS = frozenset({
     aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
     aten.conv1d.default, aten.conv2d.default, aten.convolution.default,
     aten.scaled_dot_product_attention.default, aten.lstm.input, aten.gru.input,
+    rnn_ops.LSTM, rnn_ops.GRU,  # whole RNNs that decompose-rnn did not take (or did not run)
 })
 
 # torch's own kernel for every heavy op: the eager baseline, always a candidate.

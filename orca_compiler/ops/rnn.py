@@ -101,12 +101,12 @@ LSTM_SCAN = torch.ops.orca.lstm_scan.default
 GRU_SCAN = torch.ops.orca.gru_scan.default
 
 
-# -- whole RNNs with a symbolic time dimension --------------------------------------------------
-# torch.export specializes the sequence length of nn.LSTM / nn.GRU: aten.lstm.input's shape
-# function is its Python decomposition, which loops over the steps. `rnn_capture_shim` (used by
-# capture when shapes are dynamic) routes the modules' calls to these ops instead: the same
-# arguments as aten.lstm.input / aten.gru.input, torch's kernels in eager, and shape functions
-# that keep T symbolic. decompose-rnn decomposes them like the aten ops.
+# -- whole RNNs, captured in O(1) and with a symbolic time dimension ----------------------------
+# aten.lstm.input's shape function is its Python decomposition, which loops over the steps: under
+# torch.export (and on every shape re-check of the IR) that cost 15 s at T=512, and it specializes
+# the sequence length. `rnn_capture_shim` (used by capture) routes nn.LSTM / nn.GRU calls to these
+# ops instead: the same arguments as aten.lstm.input / aten.gru.input, torch's kernels in eager,
+# and shape functions that cost nothing and keep T symbolic. decompose-rnn decomposes them.
 
 def _whole_rnn_shapes(x: Tensor, params: list[Tensor], num_layers: int, bidirectional: bool,
                       batch_first: bool) -> tuple[tuple, tuple]:
@@ -162,14 +162,19 @@ class _VFShim:
         return getattr(self._vf, name)
 
     def lstm(self, *args):
-        if len(args) == 9 and isinstance(args[1], (list, tuple)):  # (input, hx, params, ...)
+        if len(args) == 9 and isinstance(args[1], (list, tuple)) and _plain_weights(args[2], *args[3:5], args[7]):
             return LSTM(args[0], list(args[1]), list(args[2]), *args[3:])
-        return self._vf.lstm(*args)
+        return self._vf.lstm(*args)  # packed sequences, projections (proj_size)
 
     def gru(self, *args):
-        if len(args) == 9 and isinstance(args[2], (list, tuple)):  # (input, hx, params, ...)
+        if len(args) == 9 and isinstance(args[2], (list, tuple)) and _plain_weights(args[2], *args[3:5], args[7]):
             return GRU(args[0], args[1], list(args[2]), *args[3:])
         return self._vf.gru(*args)
+
+
+def _plain_weights(params, has_biases: bool, num_layers: int, bidirectional: bool) -> bool:
+    """Whether `params` are w_ih, w_hh[, b_ih, b_hh] per layer and direction (no projections)."""
+    return len(params) == num_layers * (2 if bidirectional else 1) * (4 if has_biases else 2)
 
 
 @contextlib.contextmanager
