@@ -154,3 +154,12 @@ def test_variable_sequence_length_without_recompiling(name, time_dim):
     wrong_batch[1 - time_dim] += 1
     with pytest.raises(oc.InputMismatchError, match=r"\* = any size"):
         compiled(torch.randn(wrong_batch))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("batch", [6, 8, 12])  # rows stepped in groups of 2, 4, 4 (and in parallel)
+def test_batch_row_groups_equal_eager(cell, batch):
+    model, inputs = _flavour(cell, True, True, True, steps=9, batch=batch)
+    compiled = oc.compile(model, inputs, pipeline="O1")
+    assert compiled.report.fallbacks == []
+    assert_outputs_close(model(*inputs), compiled(*inputs))

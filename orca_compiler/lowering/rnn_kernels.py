@@ -44,13 +44,14 @@ class ScanShape:
     reverse: bool
     batch_first: bool
     parallel: bool
+    rows_per_group: int = 1  # batch rows stepped together, sharing each load of W_hh (divides B)
     dtype: str = "float32"
 
 
-def _chunk(width: int) -> int:
-    """The largest vector chunk (<= GATE_CHUNK) that divides `width`."""
+def _chunk(width: int, limit: int = GATE_CHUNK) -> int:
+    """The largest vector chunk (<= min(limit, GATE_CHUNK)) that divides `width`."""
     for size in (GATE_CHUNK, 32, 16, 8, 4, 2):
-        if width % size == 0:
+        if size <= limit and width % size == 0:
             return size
     return 1
 
@@ -72,12 +73,12 @@ def _indexing(shape: ScanShape):
 
 def lstm_scan_kernel(shape: ScanShape) -> tvm.tirx.PrimFunc:
     """The PrimFunc for orca::lstm_scan with these static facts (see ops/rnn.py for semantics)."""
-    H, K, col, dt = shape.hidden, shape.xproj_width, shape.column, shape.dtype
+    H, K, col, dt, RB = shape.hidden, shape.xproj_width, shape.column, shape.dtype, shape.rows_per_group
     G = 4 * H
-    CH = _chunk(G)
+    CH = _chunk(G, GATE_CHUNK * 2 // RB)
     HC = _chunk(H)
     dims, row, time_index = _indexing(shape)
-    rows = T.parallel if shape.parallel else T.serial
+    groups = T.parallel if shape.parallel else T.serial
 
     @T.prim_func(private=True)
     def lstm_scan(xp_h: T.handle, w_h: T.handle, h0_h: T.handle, c0_h: T.handle, out_h: T.handle,
@@ -94,45 +95,50 @@ def lstm_scan_kernel(shape: ScanShape) -> tvm.tirx.PrimFunc:
         cn = T.match_buffer(cn_h, (b, H), dt)
         xp = T.decl_buffer((n * b * K,), dt, data=xp3.data)
         out = T.decl_buffer((n * b * H,), dt, data=out3.data)
-        for bi in rows(b):
-            h = T.decl_buffer((H,), dt)
-            c = T.decl_buffer((H,), dt)
-            acc = T.decl_buffer((G,), dt)
-            for j in range(H):
-                h[j] = h0[bi, j]
-                c[j] = c0[bi, j]
+        for g in groups(b // RB):
+            h = T.decl_buffer((RB * H,), dt)
+            c = T.decl_buffer((RB * H,), dt)
+            acc = T.decl_buffer((RB * G,), dt)
+            for r, j in T.grid(RB, H):
+                h[r * H + j] = h0[g * RB + r, j]
+                c[r * H + j] = c0[g * RB + r, j]
             for t in range(n):
                 ti = time_index(t, n)
                 for jo in range(G // CH):
-                    part = T.decl_buffer((CH,), dt)  # a chunk LLVM keeps in registers over k
-                    for ji in T.vectorized(CH):
-                        part[ji] = xp[row(ti, bi, n, b) * K + col + jo * CH + ji]
-                    for k in range(H):
+                    part = T.decl_buffer((RB * CH,), dt)  # RB x CH accumulators, kept in registers over k
+                    for r in T.unroll(RB):
                         for ji in T.vectorized(CH):
-                            part[ji] = part[ji] + h[k] * w[k, jo * CH + ji]
-                    for ji in T.vectorized(CH):
-                        acc[jo * CH + ji] = part[ji]
-                for jo in range(H // HC):
+                            part[r * CH + ji] = xp[row(ti, g * RB + r, n, b) * K + col + jo * CH + ji]
+                    for k in range(H):
+                        for r in T.unroll(RB):  # each W_hh chunk is loaded once for the RB rows
+                            for ji in T.vectorized(CH):
+                                part[r * CH + ji] = part[r * CH + ji] + h[r * H + k] * w[k, jo * CH + ji]
+                    for r in T.unroll(RB):
+                        for ji in T.vectorized(CH):
+                            acc[r * G + jo * CH + ji] = part[r * CH + ji]
+                for r, jo in T.grid(RB, H // HC):
                     for ji in T.vectorized(HC):
-                        c[jo * HC + ji] = (fast_sigmoid(acc[H + jo * HC + ji]) * c[jo * HC + ji]
-                                           + fast_sigmoid(acc[jo * HC + ji]) * fast_tanh(acc[2 * H + jo * HC + ji]))
-                        h[jo * HC + ji] = fast_sigmoid(acc[3 * H + jo * HC + ji]) * fast_tanh(c[jo * HC + ji])
-                        out[row(ti, bi, n, b) * H + jo * HC + ji] = h[jo * HC + ji]
-            for j in range(H):
-                hn[bi, j] = h[j]
-                cn[bi, j] = c[j]
+                        c[r * H + jo * HC + ji] = (
+                            fast_sigmoid(acc[r * G + H + jo * HC + ji]) * c[r * H + jo * HC + ji]
+                            + fast_sigmoid(acc[r * G + jo * HC + ji]) * fast_tanh(acc[r * G + 2 * H + jo * HC + ji]))
+                        h[r * H + jo * HC + ji] = (fast_sigmoid(acc[r * G + 3 * H + jo * HC + ji])
+                                                   * fast_tanh(c[r * H + jo * HC + ji]))
+                        out[row(ti, g * RB + r, n, b) * H + jo * HC + ji] = h[r * H + jo * HC + ji]
+            for r, j in T.grid(RB, H):
+                hn[g * RB + r, j] = h[r * H + j]
+                cn[g * RB + r, j] = c[r * H + j]
 
     return lstm_scan
 
 
 def gru_scan_kernel(shape: ScanShape) -> tvm.tirx.PrimFunc:
     """The PrimFunc for orca::gru_scan with these static facts (see ops/rnn.py for semantics)."""
-    H, K, col, dt = shape.hidden, shape.xproj_width, shape.column, shape.dtype
+    H, K, col, dt, RB = shape.hidden, shape.xproj_width, shape.column, shape.dtype, shape.rows_per_group
     G = 3 * H
-    CH = _chunk(G)
+    CH = _chunk(G, GATE_CHUNK * 2 // RB)
     HC = _chunk(H)
     dims, row, time_index = _indexing(shape)
-    rows = T.parallel if shape.parallel else T.serial
+    groups = T.parallel if shape.parallel else T.serial
 
     @T.prim_func(private=True)
     def gru_scan(xp_h: T.handle, w_h: T.handle, bhn_h: T.handle, h0_h: T.handle, out_h: T.handle,
@@ -148,39 +154,45 @@ def gru_scan_kernel(shape: ScanShape) -> tvm.tirx.PrimFunc:
         hn = T.match_buffer(hn_h, (b, H), dt)
         xp = T.decl_buffer((n * b * K,), dt, data=xp3.data)
         out = T.decl_buffer((n * b * H,), dt, data=out3.data)
-        for bi in rows(b):
-            h = T.decl_buffer((H,), dt)
-            acc = T.decl_buffer((G,), dt)
-            for j in range(H):
-                h[j] = h0[bi, j]
+        for g in groups(b // RB):
+            h = T.decl_buffer((RB * H,), dt)
+            acc = T.decl_buffer((RB * G,), dt)
+            for r, j in T.grid(RB, H):
+                h[r * H + j] = h0[g * RB + r, j]
             for t in range(n):
                 ti = time_index(t, n)
                 for jo in range(G // CH):
-                    part = T.decl_buffer((CH,), dt)
-                    for ji in T.vectorized(CH):
-                        part[ji] = T.float32(0)
-                    for k in range(H):
+                    part = T.decl_buffer((RB * CH,), dt)
+                    for r in T.unroll(RB):
                         for ji in T.vectorized(CH):
-                            part[ji] = part[ji] + h[k] * w[k, jo * CH + ji]
-                    for ji in T.vectorized(CH):
-                        acc[jo * CH + ji] = part[ji]
-                for jo in range(H // HC):
+                            part[r * CH + ji] = T.float32(0)
+                    for k in range(H):
+                        for r in T.unroll(RB):
+                            for ji in T.vectorized(CH):
+                                part[r * CH + ji] = part[r * CH + ji] + h[r * H + k] * w[k, jo * CH + ji]
+                    for r in T.unroll(RB):
+                        for ji in T.vectorized(CH):
+                            acc[r * G + jo * CH + ji] = part[r * CH + ji]
+                for r, jo in T.grid(RB, H // HC):
                     for ji in T.vectorized(HC):
-                        h[jo * HC + ji] = _gru_update(
-                            xp, row(ti, bi, n, b) * K + col, acc, bhn, h, jo * HC + ji, H, dt)
-                        out[row(ti, bi, n, b) * H + jo * HC + ji] = h[jo * HC + ji]
-            for j in range(H):
-                hn[bi, j] = h[j]
+                        h[r * H + jo * HC + ji] = _gru_update(
+                            xp, row(ti, g * RB + r, n, b) * K + col, acc, bhn, h, jo * HC + ji, H, dt,
+                            acc_offset=r * G, h_offset=r * H)
+                        out[row(ti, g * RB + r, n, b) * H + jo * HC + ji] = h[r * H + jo * HC + ji]
+            for r, j in T.grid(RB, H):
+                hn[g * RB + r, j] = h[r * H + j]
 
     return gru_scan
 
 
-def _gru_update(xp, base, acc, bhn, h, j, hidden, dtype, sigmoid=fast_sigmoid, tanh=fast_tanh):
-    """h' = (1 - z) * n + z * h with r, z, n from the step's inputs and the GEMV result."""
-    r = sigmoid(xp[base + j] + acc[j])
-    z = sigmoid(xp[base + hidden + j] + acc[hidden + j])
-    candidate = tanh(xp[base + 2 * hidden + j] + r * (acc[2 * hidden + j] + bhn[j]))
-    return (tvm.tirx.const(1.0, dtype) - z) * candidate + z * h[j]
+def _gru_update(xp, base, acc, bhn, h, j, hidden, dtype, sigmoid=fast_sigmoid, tanh=fast_tanh, acc_offset=0,
+                h_offset=0):
+    """h' = (1 - z) * n + z * h with r, z, n from the step's inputs and the GEMV result (a row's
+    gates start at `acc_offset` in `acc`, its state at `h_offset` in `h`)."""
+    r = sigmoid(xp[base + j] + acc[acc_offset + j])
+    z = sigmoid(xp[base + hidden + j] + acc[acc_offset + hidden + j])
+    candidate = tanh(xp[base + 2 * hidden + j] + r * (acc[acc_offset + 2 * hidden + j] + bhn[j]))
+    return (tvm.tirx.const(1.0, dtype) - z) * candidate + z * h[h_offset + j]
 
 # -- CUDA: one thread block per batch row, threads over gate columns, states in shared memory ----
 
@@ -329,7 +341,16 @@ def _scan_shape(node: fx.Node, importer, gates: int) -> ScanShape:
     macs = None if steps is None or batch is None else steps * batch * gates * hidden * hidden
     parallel = (_target_kind() == "llvm" and batch is not None and batch > 1
                 and (macs is None or macs >= PARALLEL_MIN_MACS))
-    return ScanShape(int(hidden), gates, int(width), int(column), bool(reverse), bool(batch_first), parallel, dtype)
+    return ScanShape(int(hidden), gates, int(width), int(column), bool(reverse), bool(batch_first), parallel,
+                     _rows_per_group(batch) if _target_kind() == "llvm" else 1, dtype)
+
+
+def _rows_per_group(batch: int | None) -> int:
+    """Rows per group: 4 or 2 where that divides the batch and leaves a group per thread."""
+    for rows in (4, 2):
+        if batch is not None and batch % rows == 0 and batch // rows >= 2:
+            return rows
+    return 1
 
 
 def _emit_scan(node: fx.Node, importer, cell: str, shape: ScanShape, operands: list, n_states: int):
