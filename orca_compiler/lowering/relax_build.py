@@ -122,6 +122,18 @@ def _normalize_negative_select(graph: fx.Graph) -> None:
                     node.args = (source, dim, index + size)
 
 
+def _extern_only_ops(gm: fx.GraphModule, externs: dict, importer) -> dict:
+    """Converter-map entries for ops that only run as external kernels here (a whole orca.lstm
+    left by O0, say): TVM's importer looks the op up before our extern dispatch can see it."""
+    known = importer.convert_map if hasattr(importer, "convert_map") else importer.create_convert_map()
+
+    def no_tvm_kernel(node, _importer):
+        raise LoweringError(f"%{node.name}: {node.target} runs only as an external kernel")
+
+    names = {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and n.name in externs}
+    return {name: no_tvm_kernel for name in names if name not in known}
+
+
 def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: ResolvedTarget | None = None):
     """GraphIR-convention GraphModule -> Relax IRModule (weights bound as constants).
 
@@ -133,9 +145,10 @@ def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: Resolv
     ep = to_exported_program(gm)
     _normalize_negative_select(ep.graph)
     importer = _tracking_importer(externs)
+    converters = {**_extern_only_ops(gm, externs or {}, importer), **custom_converters()}
     try:
         with target.tvm_target if target is not None else contextlib.nullcontext():
-            return importer.from_exported_program(ep, False, False, False, custom_converters() or None)
+            return importer.from_exported_program(ep, False, False, False, converters or None)
     except Exception as exc:
         error = LoweringError(f"TVM could not convert %{importer.current_node}: {tvm_error_summary(exc)}")
         error.node = importer.current_node
