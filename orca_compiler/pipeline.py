@@ -14,12 +14,14 @@ from .pass_base import Pass, build_options, get_pass_class
 # O0 runs nothing. O1 cleans the graph, folds BatchNorm into the weights before it, and turns
 # LSTM/GRU into a hoisted input GEMM plus a recurrence kernel (decompose-rnn runs after
 # fold-constants, which folds the zero initial states it slices).
-# O2/O3 grow as fusion, quantization and placement land (their issues add them here).
+# O2/O3 also fuse op groups into single kernels (epilogues, attention, elementwise chains; after
+# fold-bn so a conv's BatchNorm is gone before its epilogue is matched); they grow as
+# quantization and placement land (their issues add them here).
 NAMED_PIPELINES: dict[str, str] = {
     "O0": "",
     "O1": "fold-constants,fold-bn,decompose-rnn,cse,dce",
-    "O2": "fold-constants,fold-bn,decompose-rnn,cse,dce",
-    "O3": "fold-constants,fold-bn,decompose-rnn,cse,dce",
+    "O2": "fold-constants,fold-bn,decompose-rnn,fuse,cse,dce",
+    "O3": "fold-constants,fold-bn,decompose-rnn,fuse,cse,dce",
 }
 
 _ELEMENT = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)(\{(?P<opts>[^{}]*)\})?$")

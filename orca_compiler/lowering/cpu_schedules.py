@@ -335,8 +335,7 @@ class Tiled(CPURule):
         # one becomes a TVMBackendAllocWorkspace call per tile inside a parallel loop (4x slower).
         write_back = sch.cache_write(main.block_rv, 0, "global")
         sch.reverse_compute_at(write_back, fused)
-        for consumer in consumers:
-            sch.reverse_compute_inline(consumer.block_rv)
+        _inline_epilogue(sch, write_back, consumers)
         # parallel/vectorize need each block complete or with its init: decompose comes last.
         if _prod(extents) >= PARALLEL_MIN_WORK:
             sch.parallel(fused)
@@ -363,6 +362,26 @@ class Tiled(CPURule):
         if reuse:
             return reuse[-1]
         return len(s_vars) - 2 if len(s_vars) >= 2 else None
+
+
+def _inline_epilogue(sch, write_back, consumers) -> None:
+    """Inline the elementwise epilogue (bias, relu, ...) into the tile's write-back.
+
+    A chain is reverse-inlined block by block. An epilogue that reads a value twice (silu =
+    x * sigmoid(x), hardswish) is a DAG, where reverse-inlining its first block would leave the
+    other readers of that value without their buffer (TVM does not check; the build then fails
+    with "used before its definition"). There the blocks but the last are inlined forwards into
+    their readers first, and the last, which then reads only the write-back's result, is
+    reverse-inlined into it.
+    """
+    is_chain = all(len(sch.get_consumers(b)) <= 1 for b in [write_back] + [c.block_rv for c in consumers])
+    if is_chain:
+        for consumer in consumers:
+            sch.reverse_compute_inline(consumer.block_rv)
+        return
+    for consumer in consumers[:-1]:
+        sch.compute_inline(consumer.block_rv)
+    sch.reverse_compute_inline(consumers[-1].block_rv)
 
 
 def cpu_rules() -> list:

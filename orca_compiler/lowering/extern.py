@@ -18,7 +18,9 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from ..ops import fused
 from ..ops import rnn as rnn_ops
+from ..ops.pointwise import POINTWISE, arguments
 
 aten = torch.ops.aten
 
@@ -79,7 +81,8 @@ def _contiguous(result):
 
 
 def _make_generic(node, args, kwargs):
-    op, bind = node.target, _binder(args, kwargs)
+    # Our fused ops run their Python code directly: the dispatcher would only add overhead.
+    op, bind = fused.EAGER.get(node.target, node.target), _binder(args, kwargs)
 
     def run(*activations):
         filled_args, filled_kwargs = bind(activations)
@@ -137,6 +140,97 @@ def _linear_with_constant_weight(node: fx.Node) -> bool:
     return weight_ok and bias_ok and _all_float32_cpu(node)
 
 
+def _onednn_post_op(activation: str, act_args) -> tuple[str, list, str] | None:
+    """oneDNN's post-op `(attr, scalars, algorithm)` for an activation; None if it has none."""
+    if activation == fused.NO_ACTIVATION:
+        return ("none", [], "")
+    entry = POINTWISE.get(activation)
+    return entry.onednn(*act_args) if entry is not None and entry.onednn is not None else None
+
+
+def _epilogue_fits_mkldnn(node: fx.Node) -> bool:
+    """A fused conv2d/linear epilogue oneDNN can run: float32 on CPU, weights bound as constants,
+    the input computed at run time, and an activation oneDNN has as a post-op (with a residual,
+    the activation may run in torch after oneDNN's fused add)."""
+    if node.kwargs or len(node.args) != len(node.target._schema.arguments):
+        return False  # the kernels below find the residual by position, as the fuse pass writes it
+    a = arguments(node)
+    if node.target is fused.CONV_EPILOGUE and a["weight"].meta["val"].dim() != 4:
+        return False  # oneDNN's pointwise convolution is 2-d
+    constants = [a["weight"]] + ([a["bias"]] if a["bias"] is not None else [])
+    if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in constants):
+        return False
+    if not isinstance(a["x"], fx.Node) or a["x"].op == "get_attr" or not _all_float32_cpu(node):
+        return False
+    return a["residual"] is not None or _onednn_post_op(a["activation"], a["act_args"]) is not None
+
+
+def _mkldnn_applies(node: fx.Node) -> bool:
+    if node.target is aten.linear.default:
+        return _linear_with_constant_weight(node)
+    return _epilogue_fits_mkldnn(node)
+
+
+def _then_activation(activation: str, act_args) -> Callable:
+    """The activation applied in place by torch (identity for "none")."""
+    if activation == fused.NO_ACTIVATION:
+        return lambda out: out
+    inplace = POINTWISE[activation].inplace
+    return lambda out: inplace(out, *act_args)
+
+
+def _make_mkldnn_conv_epilogue(node, args, kwargs):
+    """oneDNN's convolution with its bias, residual add and activation as post-ops (what
+    Inductor's CPU freezing calls). Its binary form takes ReLU as the only unary post-op; another
+    activation after a residual runs in place in torch. The weight stays in PyTorch's layout:
+    oneDNN's prepacked (`_reorder_convolution_weight`) layout makes it return channels-last
+    results, whose copy back to NCHW cost more than the prepacking saved on our zoo's shapes."""
+    bind = _binder(args, kwargs)
+    a = dict(zip((arg.name for arg in fused.CONV_EPILOGUE._schema.arguments), args))
+    weight, bias = a["weight"].contiguous(), a["bias"]
+    geometry = (list(a["padding"]), list(a["stride"]), list(a["dilation"]), a["groups"])
+    conv = torch.ops.mkldnn._convolution_pointwise
+    if not isinstance(a["residual"], (_Slot, torch.Tensor)):
+        attr, scalars, algorithm = _onednn_post_op(a["activation"], a["act_args"])
+
+        def run(*activations):
+            x = bind(activations)[0][0]
+            return conv(x, weight, bias, *geometry, attr, scalars, algorithm or None)
+
+        return run
+    unary = "relu" if a["activation"] == "relu" else None
+    after = _then_activation(fused.NO_ACTIVATION if unary else a["activation"], a["act_args"])
+
+    def run_binary(*activations):
+        filled = bind(activations)[0]
+        return after(conv.binary(filled[0], filled[7], weight, bias, *geometry, "add", None, unary, [], None))
+
+    return run_binary
+
+
+def _make_mkldnn_linear_epilogue(node, args, kwargs):
+    """oneDNN's inner product with the activation as a post-op, or with the residual add as a
+    binary post-op (which takes no unary one: the activation then runs in place in torch)."""
+    bind = _binder(args, kwargs)
+    a = dict(zip((arg.name for arg in fused.LINEAR_EPILOGUE._schema.arguments), args))
+    weight, bias = a["weight"].contiguous(), a["bias"]
+    linear = torch.ops.mkldnn._linear_pointwise
+    if not isinstance(a["residual"], (_Slot, torch.Tensor)):
+        attr, scalars, algorithm = _onednn_post_op(a["activation"], a["act_args"])
+
+        def run(*activations):
+            return linear(bind(activations)[0][0], weight, bias, attr, scalars, algorithm)
+
+        return run
+    after = _then_activation(a["activation"], a["act_args"])
+
+    def run_binary(*activations):
+        filled = bind(activations)[0]
+        return after(linear.binary(filled[0], filled[3], weight, bias, "add"))
+
+    return run_binary
+
+
 HEAVY_OPS = frozenset({
     aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
     aten.conv1d.default, aten.conv2d.default, aten.convolution.default,
@@ -144,14 +238,22 @@ HEAVY_OPS = frozenset({
     rnn_ops.LSTM, rnn_ops.GRU,  # whole RNNs that decompose-rnn did not take (or did not run)
 })
 
+# The fused ops (ops/fused.py) whose kernel is chosen by measurement too.
+FUSED_HEAVY_OPS = frozenset({fused.CONV_EPILOGUE, fused.LINEAR_EPILOGUE, fused.ATTENTION})
+
 # torch's own kernel for every heavy op: the eager baseline, always a candidate.
-TORCH = ExternImpl("torch", HEAVY_OPS, _make_generic)
-MKLDNN_LINEAR = ExternImpl("mkldnn", frozenset({aten.linear.default}), _make_mkldnn_linear,
-                           applies=lambda n: _linear_with_constant_weight(n) and torch.backends.mkldnn.is_available())
+TORCH = ExternImpl("torch", HEAVY_OPS | FUSED_HEAVY_OPS, _make_generic)
+_MKLDNN_MAKERS = {
+    aten.linear.default: _make_mkldnn_linear,
+    fused.CONV_EPILOGUE: _make_mkldnn_conv_epilogue,
+    fused.LINEAR_EPILOGUE: _make_mkldnn_linear_epilogue,
+}
+MKLDNN = ExternImpl("mkldnn", frozenset(_MKLDNN_MAKERS), lambda node, *rest: _MKLDNN_MAKERS[node.target](node, *rest),
+                    applies=lambda n: _mkldnn_applies(n) and torch.backends.mkldnn.is_available())
 MKL_LINEAR = ExternImpl("mkl", frozenset({aten.linear.default}), _make_mkl_linear,
                         applies=lambda n: _linear_with_constant_weight(n) and torch._C.has_mkl)
 
-EXTERN_IMPLS: tuple[ExternImpl, ...] = (TORCH, MKLDNN_LINEAR, MKL_LINEAR)
+EXTERN_IMPLS: tuple[ExternImpl, ...] = (TORCH, MKLDNN, MKL_LINEAR)
 
 
 def extern_impls_for(node: fx.Node) -> list[ExternImpl]:

@@ -1,0 +1,108 @@
+"""Relax converters for the fused ops (ops/fused.py): each emits its group's ops back to back, and
+TVM's FuseOps makes one kernel of them (a conv or matmul with its elementwise epilogue, a chain of
+elementwise ops). Imported lazily by support.py, which registers them.
+
+Converters take `(node, importer)` (TVM's custom_convert_map form), read their operands from
+`importer.env` and emit through `importer.block_builder`.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch.fx as fx
+
+from ..ops import fused
+from ..ops.pointwise import POINTWISE, arguments, run_program
+from .support import register_converter
+
+
+def _env(importer, value):
+    return None if value is None else importer.env[value]
+
+
+def _dtype(node: fx.Node) -> str:
+    return str(node.meta["val"].dtype).replace("torch.", "")
+
+
+def _emit_epilogue(importer, out, residual, activation: str, act_args: list[float]):
+    """`act(out + residual)` in Relax, the order of the fused op's eager code."""
+    from tvm import relax as rx
+
+    bb = importer.block_builder
+    if residual is not None:
+        out = bb.emit(rx.op.add(out, residual))
+    if activation == fused.NO_ACTIVATION:
+        return out
+    fused.check_activation(activation, act_args)
+    return bb.emit(POINTWISE[activation].relax(rx, out, *act_args))
+
+
+def convert_conv_epilogue(node: fx.Node, importer):
+    a = arguments(node)
+    weight = importer.env[a["weight"]]
+    impl = {3: importer._conv1d_impl, 4: importer._conv2d_impl, 5: importer._conv3d_impl}[weight.ty.ndim]
+    out = impl(importer.env[a["x"]], weight, bias=_env(importer, a["bias"]), strides=a["stride"],
+               padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
+    return _emit_epilogue(importer, out, _env(importer, a["residual"]), a["activation"], a["act_args"])
+
+
+def convert_linear_epilogue(node: fx.Node, importer):
+    from tvm import relax as rx
+
+    a = arguments(node)
+    x, weight, bias = (_env(importer, a[k]) for k in ("x", "weight", "bias"))
+    out = importer.block_builder.emit(rx.op.linear(x, weight, bias, _dtype(node)))
+    return _emit_epilogue(importer, out, _env(importer, a["residual"]), a["activation"], a["act_args"])
+
+
+def convert_attention(node: fx.Node, importer):
+    """Relax's fused attention (layout [batch, seq, heads, dim]) on q/k/v of any rank >= 2: a 4-d
+    [batch, heads, seq, dim] input swaps its middle axes, as TVM's own sdpa converter does; other
+    ranks fold their batch dims into one and use one head. Sizes are read from the Relax types,
+    so symbolic (dynamic) dimensions stay symbolic."""
+    from tvm import relax as rx
+
+    bb = importer.block_builder
+    a = arguments(node)
+    q, k, v = (importer.env[a[n]] for n in ("q", "k", "v"))
+    q_shape, k_shape, v_shape = (list(importer.shape_of(t)) for t in (q, k, v))
+    batch = q_shape[:-2]
+    four_d = len(q_shape) == 4
+    groups = functools.reduce(operator.mul, batch, 1)
+    if four_d:
+        to_bsnh = [bb.emit(rx.op.permute_dims(t, [0, 2, 1, 3])) for t in (q, k, v)]
+    else:
+        to_bsnh = [bb.emit(rx.op.reshape(t, [groups, shape[-2], 1, shape[-1]]))
+                   for t, shape in ((q, q_shape), (k, k_shape), (v, v_shape))]
+    bias = None
+    if a["mask"] is not None:
+        scores = batch + [q_shape[-2], k_shape[-2]]
+        bias = bb.emit(rx.op.broadcast_to(importer.env[a["mask"]], scores))
+        if not four_d:
+            bias = bb.emit(rx.op.reshape(bias, [groups, 1] + scores[-2:]))
+    out = bb.emit(rx.op.nn.attention(*to_bsnh, bias=bias, scale=a["scale"],
+                                     causal_mask="TopLeft" if a["is_causal"] else None))
+    if four_d:
+        return bb.emit(rx.op.permute_dims(out, [0, 2, 1, 3]))
+    return bb.emit(rx.op.reshape(out, q_shape[:-1] + [v_shape[-1]]))
+
+
+def convert_elementwise(node: fx.Node, importer):
+    from tvm import relax as rx
+
+    bb, dtype = importer.block_builder, _dtype(node)
+    inputs = [importer.env[n] for n in node.args[0]]
+
+    def emit(entry, operands):
+        tensors = [rx.const(o, dtype) if not isinstance(o, rx.Expr) and i < entry.arity else o
+                   for i, o in enumerate(operands)]
+        return bb.emit(entry.relax(rx, *tensors))
+
+    return run_program(node.args[1], inputs, emit)
+
+
+register_converter(fused.CONV_EPILOGUE, convert_conv_epilogue)
+register_converter(fused.LINEAR_EPILOGUE, convert_linear_epilogue)
+register_converter(fused.ATTENTION, convert_attention)
+register_converter(fused.ELEMENTWISE, convert_elementwise)
