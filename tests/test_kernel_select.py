@@ -137,3 +137,15 @@ def test_whole_program_check_offers_the_fastest_extern_for_each_tvm_choice():
     assert (alternative["a"].choice, alternative["a"].how) == ("mkl", "whole-program check")
     assert alternative["b"] is choices["b"] and alternative["c"] is choices["c"]
     assert _extern_alternative({"b": choices["b"], "c": choices["c"]}) is None
+
+
+def test_cache_header_tracks_the_kernel_code(tmp_path, monkeypatch):
+    # A converter fixed without a version bump must not stay "rejected" in the cache.
+    from orca_compiler.lowering import selection_cache
+
+    target = resolve_target("llvm")
+    before = SelectionCache(target.key, tmp_path)
+    assert "+" + selection_cache.code_digest() in before.header["orca"]
+    monkeypatch.setattr(selection_cache, "code_digest", lambda: "edited")
+    after = SelectionCache(target.key, tmp_path)
+    assert after.path != before.path

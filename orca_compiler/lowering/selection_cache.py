@@ -1,6 +1,7 @@
 """The on-disk kernel selection cache: which candidate won for (op, shapes, dtypes), per target.
 
-One JSON file per (target, thread count, versions of orca/torch/tvm): the file name is a hash of
+One JSON file per (target, thread count, versions of orca (with a hash of its kernel code)/torch/
+tvm): the file name is a hash of
 that header and the header is stored in the file too. A file that does not parse, or whose header
 differs from ours (copied from another machine, other versions), is not trusted: it is discarded
 and rebuilt, and `rebuilt_because` says why. Writes are atomic (temp file + rename), so a killed
@@ -8,6 +9,7 @@ compile never leaves a half-written file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,12 +26,26 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A hash of the source of the package's kernels and their converters (lowering/ and ops/).
+
+    A choice depends on the code that builds each candidate, not only on the version number: a
+    converter fixed between two builds of one version must not stay "rejected" in the cache."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("lowering/*.py"), *package.glob("ops/*.py")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _versions() -> dict:
     import tvm
 
     from .. import __version__
 
-    return {"orca": __version__, "torch": torch.__version__, "tvm": tvm.__version__}
+    return {"orca": f"{__version__}+{code_digest()}", "torch": torch.__version__, "tvm": tvm.__version__}
 
 
 def selection_header(target_key: str) -> dict:
