@@ -1,4 +1,4 @@
-"""The `orca` command line: list passes and models, compile a model, run the demo or the benchmark."""
+"""The `orca` command line: list passes and models, compile or debug a model, run the demo or the benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -87,6 +87,12 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+def _cmd_debug(args) -> int:
+    from .debug.cli import run
+
+    return run(args, load_model)
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -121,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-passes", action="store_true", help="print a table of time per pass")
     p.add_argument("--emit-cuda-source", metavar="FILE", help="write the generated CUDA source (cuda target)")
     p.set_defaults(fn=_cmd_compile)
+
+    from .debug import cli as debug_cli
+
+    p = sub.add_parser("debug", help="pass debugging: IR dumps, pass timing, per-pass numerics, bisect",
+                       description=debug_cli.__doc__)
+    debug_cli.add_arguments(p).set_defaults(fn=_cmd_debug)
 
     p = sub.add_parser("demo", help="compile the zoo; print eager vs orca latency, speedup, max abs error")
     p.add_argument("models", nargs="*", help="zoo names (default: all)")
