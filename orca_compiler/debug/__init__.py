@@ -13,10 +13,13 @@ from .dump import IRDumper, ir_diff
 from .numerics import NumericsCheck, OutputError, compare_outputs
 from .options import DebugOptionError, DebugOptions
 from .session import DebugResult, capture_ir, debug_model
+from .reproducer import ReplayResult, ReproducerError, replay
 from .stats import PassStatsTable
+from .view import view_model
 
 __all__ = [
     "BisectResult", "StopAfter", "bisect_pipeline", "first_diverging_node", "IRDumper", "ir_diff",
     "NumericsCheck", "OutputError", "compare_outputs", "DebugOptionError", "DebugOptions",
-    "DebugResult", "capture_ir", "debug_model", "PassStatsTable",
+    "DebugResult", "capture_ir", "debug_model", "PassStatsTable", "ReplayResult", "ReproducerError", "replay",
+    "view_model",
 ]

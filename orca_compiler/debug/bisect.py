@@ -61,6 +61,7 @@ class BisectResult:
     error_after: float = 0.0
     node: NodeBlame | None = None
     runs: int = 0
+    ir_before: GraphIR | None = field(default=None, repr=False)  # the culprit's input, for a reproducer
 
     def verdict(self) -> str:
         """One line saying which pass and node first exceed the tolerance, or that none does."""
@@ -136,6 +137,7 @@ def bisect_pipeline(ir: GraphIR, pipeline: str, inputs: tuple, reference, tol: f
     result.pass_index, result.pass_name = bad - 1, manager.passes[bad - 1].name
     result.error_before, result.error_after = error_after(good), error_after(bad)
     result.node = first_diverging_node(cache[good][0], cache[bad][0], inputs, tol)
+    result.ir_before = cache[good][0]
     result.runs = len(cache)
     return result
 

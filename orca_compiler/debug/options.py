@@ -26,6 +26,7 @@ class DebugOptions:
     bisect: bool = False
     tol: float = 1e-4
     opt_bisect_limit: int | None = None
+    reproducer_dir: str | None = None  # None: write no reproducer on a failure
 
     def wants_dump(self) -> bool:
         return bool(self.print_ir_after_all or self.print_ir_after or self.print_ir_before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch.utils import _pytree as pytree
 
@@ -10,10 +11,12 @@ from ..errors import PassError
 from ..ir import GraphIR
 from ..pass_base import PassContext
 from ..pass_manager import PassManager, PassRecord
+from ..pipeline import format_pipeline
 from .bisect import BisectResult, StopAfter, bisect_pipeline, reference_outputs
 from .dump import IRDumper
 from .numerics import NumericsCheck
 from .options import DebugOptions
+from .reproducer import ReproducerWriter, write_reproducer
 from .stats import PassStatsTable
 
 
@@ -27,6 +30,7 @@ class DebugResult:
     time_table: str | None = None
     numerics_table: str | None = None
     bisect: BisectResult | None = None
+    reproducer: Path | None = None  # written when a pass failed or exceeded the tolerance
 
 
 def capture_ir(model, inputs: tuple) -> GraphIR:
@@ -40,7 +44,9 @@ def debug_model(model, inputs: tuple, pipeline: str, options: DebugOptions) -> D
     """Capture `model`, then run `pipeline` with the tools of `options` (or bisect it).
 
     Flags are checked before capture. A failing pass still raises its PassError; the dumps
-    written up to then (and the failure's, with --print-ir-after-failure) stay on disk.
+    written up to then (and the failure's, with --print-ir-after-failure) stay on disk. With
+    `options.reproducer_dir`, a failing pass, a pass whose numerics first exceed `options.tol`
+    (with `numerics`) or bisect's culprit leaves a reproducer there (see reproducer.py).
     """
     manager = PassManager(pipeline)
     options.validate([p.name for p in manager.passes])
@@ -48,19 +54,41 @@ def debug_model(model, inputs: tuple, pipeline: str, options: DebugOptions) -> D
     flat = tuple(pytree.tree_leaves(tuple(inputs)))
     result = DebugResult()
     if options.bisect:
-        result.bisect = bisect_pipeline(ir, manager.text, flat, reference_outputs(model, inputs), options.tol)
+        reference = reference_outputs(model, inputs)
+        result.bisect = bisect_pipeline(ir, manager.text, flat, reference, options.tol)
+        result.reproducer = _bisect_reproducer(options, manager, result.bisect, flat, reference)
         return result
     instruments, dumper, stats, numerics = _instruments(options, flat, lambda: reference_outputs(model, inputs))
+    writer = None
+    if options.reproducer_dir:
+        writer = ReproducerWriter(options.reproducer_dir, manager.specs, flat, numerics=numerics, tol=options.tol)
+        instruments.append(writer)  # last: it reads the NumericsCheck row of the pass
     try:
         result.ir, result.records = manager.run(ir, PassContext(example_inputs=flat, instruments=instruments))
     except PassError as exc:
-        if dumper and dumper.written:  # say where the dumps are: the error is all the CLI prints
-            exc.args = (f"{exc} [IR dumps: {', '.join(str(f) for f in dumper.written)}]",)
+        notes = []  # say where the files are: the error is all the CLI prints
+        if dumper and dumper.written:
+            notes.append(f"IR dumps: {', '.join(str(f) for f in dumper.written)}")
+        if writer and writer.write_pass_error(exc):
+            notes.append(f"reproducer: {writer.written}; replay: orca debug replay {writer.written}")
+        if notes:
+            exc.args = (f"{exc} [{'; '.join(notes)}]",)
         raise
+    result.reproducer = writer.written if writer else None
     result.files = list(dumper.written) if dumper else []
     result.time_table = stats.table() if stats else None
     result.numerics_table = numerics.table() if numerics else None
     return result
+
+
+def _bisect_reproducer(options: DebugOptions, manager: PassManager, bisect: BisectResult, flat: tuple,
+                       reference) -> Path | None:
+    """Write the reproducer of bisect's culprit (its input IR and the passes from it on), if asked."""
+    if not options.reproducer_dir or bisect.ir_before is None:
+        return None
+    failure = {"kind": "numeric", "pass": bisect.pass_name, "max_abs": bisect.error_after}
+    return write_reproducer(options.reproducer_dir, bisect.ir_before, format_pipeline(manager.specs[bisect.pass_index:]),
+                            flat, failure, reference=reference, tol=options.tol)
 
 
 def _instruments(options: DebugOptions, flat_inputs: tuple, reference):
