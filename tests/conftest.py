@@ -1,6 +1,7 @@
 """Shared test helpers: numeric comparison of output pytrees against eager."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -31,3 +32,26 @@ def assert_outputs_close(expected, actual, rtol: float = RTOL, atol: float = ATO
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+@contextlib.contextmanager
+def passes_registered(*classes):
+    """Register throwaway pass classes (tests' deliberately broken passes) for a `with` block."""
+    from orca_compiler.pass_base import register_pass, unregister_pass
+
+    for cls in classes:
+        register_pass(cls)
+    try:
+        yield
+    finally:
+        for cls in classes:
+            unregister_pass(cls.name)
+
+
+def debug_zoo(name: str, pipeline: str, **options):
+    """`orca_compiler.debug.debug_model` on a zoo model with DebugOptions(**options)."""
+    from orca_compiler import zoo
+    from orca_compiler.debug import DebugOptions, debug_model
+
+    model, inputs = zoo.get(name)
+    return debug_model(model, inputs, pipeline, DebugOptions(**options))

@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orca_compiler import PassError, PipelineError, zoo
+from orca_compiler import PassError, PipelineError
 from orca_compiler.cli import main
-from orca_compiler.debug import DebugOptionError, DebugOptions, debug_model
-from orca_compiler.pass_base import Pass, PassResult, register_pass, unregister_pass
+from orca_compiler.debug import DebugOptionError
+from orca_compiler.pass_base import Pass, PassResult
+
+from conftest import debug_zoo, passes_registered
 
 
 class _PerturbBias(Pass):
@@ -35,18 +37,11 @@ class _Explode(Pass):
 
 @pytest.fixture
 def broken_passes():
-    register_pass(_PerturbBias)
-    register_pass(_Explode)
-    try:
+    with passes_registered(_PerturbBias, _Explode):
         yield
-    finally:
-        unregister_pass(_PerturbBias.name)
-        unregister_pass(_Explode.name)
 
 
-def _debug(name, pipeline, **options):
-    model, inputs = zoo.get(name)
-    return debug_model(model, inputs, pipeline, DebugOptions(**options))
+_debug = debug_zoo
 
 
 # -- IR dumps ----------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from orca_compiler import PassError, zoo
+from orca_compiler import PassError
 from orca_compiler.cli import main
-from orca_compiler.debug import DebugOptions, debug_model
 from orca_compiler.debug.reproducer import ReproducerError, load_ir, read_manifest, replay
-from orca_compiler.pass_base import Pass, PassResult, register_pass, unregister_pass
+from orca_compiler.pass_base import Pass, PassResult
+
+from conftest import debug_zoo, passes_registered
 from orca_compiler.printer import format_ir
 
 
@@ -39,18 +40,11 @@ class _Perturb(Pass):
 
 @pytest.fixture
 def broken_passes():
-    register_pass(_Explode)
-    register_pass(_Perturb)
-    try:
+    with passes_registered(_Explode, _Perturb):
         yield
-    finally:
-        unregister_pass(_Explode.name)
-        unregister_pass(_Perturb.name)
 
 
-def _debug(name, pipeline, **options):
-    model, inputs = zoo.get(name)
-    return debug_model(model, inputs, pipeline, DebugOptions(**options))
+_debug = debug_zoo
 
 
 def test_pass_error_writes_a_reproducer_that_replays_the_same_error(tmp_path, broken_passes):
