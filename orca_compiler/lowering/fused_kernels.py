@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import operator
 
+import torch
 import torch.fx as fx
 
+from ..errors import LoweringError
 from ..ops import fused
 from ..ops.pointwise import POINTWISE, arguments, run_program
 from .support import register_converter
@@ -57,6 +59,22 @@ def convert_linear_epilogue(node: fx.Node, importer):
 
 
 def convert_attention(node: fx.Node, importer):
+    """orca.attention -> Relax's fused attention (see _emit_attention)."""
+    a = arguments(node)
+    return _emit_attention(importer, a["q"], a["k"], a["v"], a["mask"], a["scale"], a["is_causal"])
+
+
+def convert_aten_sdpa(node: fx.Node, importer):
+    """aten.scaled_dot_product_attention, which TVM 0.27's own converter gets wrong: it drops
+    `scale` (an explicit scale=0.3 gave errors of 0.23). Dropout and grouped heads are refused
+    (the node then runs in eager and is reported)."""
+    a = arguments(node)
+    if a["dropout_p"] or a["enable_gqa"]:
+        raise LoweringError(f"%{node.name}: sdpa with dropout or grouped-query heads is not lowered")
+    return _emit_attention(importer, a["query"], a["key"], a["value"], a["attn_mask"], a["scale"], a["is_causal"])
+
+
+def _emit_attention(importer, q_node, k_node, v_node, mask_node, scale, is_causal):
     """Relax's fused attention (layout [batch, seq, heads, dim]) on q/k/v of any rank >= 2: a 4-d
     [batch, heads, seq, dim] input swaps its middle axes, as TVM's own sdpa converter does; other
     ranks fold their batch dims into one and use one head. Sizes are read from the Relax types,
@@ -64,8 +82,8 @@ def convert_attention(node: fx.Node, importer):
     from tvm import relax as rx
 
     bb = importer.block_builder
-    a = arguments(node)
-    q, k, v = (importer.env[a[n]] for n in ("q", "k", "v"))
+    a = {"mask": mask_node, "scale": scale, "is_causal": is_causal}
+    q, k, v = (importer.env[n] for n in (q_node, k_node, v_node))
     q_shape, k_shape, v_shape = (list(importer.shape_of(t)) for t in (q, k, v))
     batch = q_shape[:-2]
     four_d = len(q_shape) == 4
@@ -105,4 +123,5 @@ def convert_elementwise(node: fx.Node, importer):
 register_converter(fused.CONV_EPILOGUE, convert_conv_epilogue)
 register_converter(fused.LINEAR_EPILOGUE, convert_linear_epilogue)
 register_converter(fused.ATTENTION, convert_attention)
+register_converter(torch.ops.aten.scaled_dot_product_attention.default, convert_aten_sdpa)
 register_converter(fused.ELEMENTWISE, convert_elementwise)
