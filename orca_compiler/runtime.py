@@ -1,6 +1,7 @@
 """Runtime: nn.Modules that run TVM-built code on torch tensors (DLPack, no copies)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +66,12 @@ class InputSignature:
         shape = tuple(None if i in dynamic_dims else s for i, s in enumerate(tensor.shape))
         return cls(shape, tensor.dtype, tensor.device.type)
 
+    @functools.cached_property
+    def _static(self) -> bool:
+        return None not in self.shape
+
     def _shape_matches(self, shape) -> bool:
-        if None not in self.shape:
+        if self._static:  # the per-call path of static shapes: one tuple comparison
             return shape == self.shape
         return len(shape) == len(self.shape) and all(a is None or a == b for a, b in zip(self.shape, shape))
 

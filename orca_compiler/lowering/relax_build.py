@@ -125,13 +125,11 @@ def _normalize_negative_select(graph: fx.Graph) -> None:
 def _extern_only_ops(gm: fx.GraphModule, externs: dict, importer) -> dict:
     """Converter-map entries for ops that only run as external kernels here (a whole orca.lstm
     left by O0, say): TVM's importer looks the op up before our extern dispatch can see it."""
-    known = importer.convert_map if hasattr(importer, "convert_map") else importer.create_convert_map()
-
     def no_tvm_kernel(node, _importer):
         raise LoweringError(f"%{node.name}: {node.target} runs only as an external kernel")
 
     names = {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and n.name in externs}
-    return {name: no_tvm_kernel for name in names if name not in known}
+    return {name: no_tvm_kernel for name in names if name not in importer.convert_map}
 
 
 def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: ResolvedTarget | None = None):

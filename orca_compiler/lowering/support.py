@@ -12,12 +12,13 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-# TVM 0.27 converts these names but gets them wrong; capture decomposes them instead.
+# TVM 0.27 converts these names but gets them wrong, so we never hand them to its importer.
 # - batch_norm.default: converted with training-mode statistics (max error ~0.1 on a conv+bn net);
-#   its decomposition _native_batch_norm_legit_no_training is exact.
+#   capture decomposes it into _native_batch_norm_legit_no_training, which is exact.
 # - lstm.input / gru.input: the converters handle one layer only ("Multi-layer LSTM is not yet
-#   supported"); PyTorch's decomposition unrolls the time steps into ops TVM converts (the RNN
-#   pass family replaces this with a real loop).
+#   supported") and unroll every step. Capture records RNNs as orca.lstm / orca.gru, which
+#   decompose-rnn lowers to a real loop; the aten ops left (LSTMs with projections) run as
+#   torch's kernel.
 KNOWN_WRONG = frozenset({"batch_norm.default", "lstm.input", "gru.input"})
 
 # Our own ops (fused kernels from later passes) register converters here, in the format of TVM's
