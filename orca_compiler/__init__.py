@@ -16,6 +16,7 @@ from .ir import GraphIR
 from .pass_base import Pass, PassContext, PassResult, register_pass, registered_passes
 from .pipeline import NAMED_PIPELINES, format_pipeline, parse_pipeline
 from .runtime import CompiledModule
+from .transform import TransformedModule, TransformReport, prune
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,8 @@ __version__ = "0.1.0"
 from . import passes  # noqa: E402,F401  (registers the pass library)
 
 __all__ = [
-    "compile", "CompiledModule", "GraphIR", "Pass", "PassContext", "PassResult", "register_pass",
+    "compile", "prune", "TransformedModule", "TransformReport", "CompiledModule", "GraphIR", "Pass",
+    "PassContext", "PassResult", "register_pass",
     "registered_passes", "parse_pipeline", "format_pipeline", "NAMED_PIPELINES", "zoo",
     "OrcaError", "CaptureError", "PipelineError", "PassError", "VerificationError",
     "UnsupportedOpError", "LoweringError", "TargetError", "InputMismatchError",

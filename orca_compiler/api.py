@@ -16,7 +16,8 @@ from .report import CompileReport
 from .ir import GraphIR
 from .runtime import CompiledModule, IndexGuard, InputSignature
 
-_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db", "dynamic_shapes")
+_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db", "dynamic_shapes",
+            "calibration_data", "calibration_loss")
 
 
 def _normalize_inputs(example_inputs: Any) -> tuple:
@@ -31,6 +32,15 @@ def _normalize_inputs(example_inputs: Any) -> tuple:
         if not isinstance(value, torch.Tensor):
             raise OrcaError(f"example input leaf {i} must be a tensor, got {type(value).__name__}")
     return tuple(example_inputs)
+
+
+def _pass_config(options: dict) -> dict:
+    config = dict(options.get("pass_config") or {})
+    if options.get("calibration_data") is not None:
+        config["calibration_data"] = list(options["calibration_data"])
+    if options.get("calibration_loss") is not None:
+        config["calibration_loss"] = options["calibration_loss"]
+    return config
 
 
 def _symbolic_dims(placeholder) -> set[int]:
@@ -71,7 +81,8 @@ def compile(
     fastest of its TVM and external kernels, measured once per shape and cached on disk; or
     "tvm" / "torch" / "mkldnn" / "mkl" to force that kernel wherever it applies), `tuning_db` (a
     meta_schedule database folder, see lowering/tuning.py: TVM kernels use its schedules where it
-    has records), `dynamic_shapes` (above). Assumes an inference model (model.eval()).
+    has records), `dynamic_shapes` (above), `calibration_data` / `calibration_loss` (inputs, or
+    (inputs, target) pairs with a loss, for passes that need data: see orca_compiler.prune). Assumes an inference model (model.eval()).
     """
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -101,7 +112,7 @@ def compile(
         example_inputs=tuple(pytree.tree_leaves(inputs)),
         instruments=list(options.get("instruments") or []),
         verify_each=bool(options.get("verify_each", True)),
-        config=dict(options.get("pass_config") or {}),
+        config=_pass_config(options),
     )
     for inst in ctx.instruments:
         if not isinstance(inst, Instrument):

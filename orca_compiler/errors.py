@@ -31,6 +31,11 @@ class PassError(OrcaError):
         self.node = node
 
 
+class PassInputError(OrcaError):
+    """A pass cannot work on this IR or with this data (e.g. a criterion that needs calibration
+    inputs got none); the pass manager adds the pass name and the passes before it."""
+
+
 class VerificationError(OrcaError):
     """The IR breaks an invariant: a missing or wrong shape/dtype, a dangling weight, a bad graph."""
 

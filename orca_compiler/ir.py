@@ -189,6 +189,7 @@ def from_exported_program(ep: torch.export.ExportedProgram) -> GraphIR:
                 root.register_buffer(name, tensors[source].detach())
             new = graph.get_attr(name)
             new.meta = dict(node.meta)
+            new.meta["orca_source"] = source  # the parameter's path in the user's module
         elif node.op == "output":
             outs = [a for a in node.args[0] if getattr(a, "name", None) in user_outputs or not isinstance(a, fx.Node)]
             new = graph.output(tuple(fx.node.map_arg(tuple(outs), lambda a: env[a])))
