@@ -54,6 +54,16 @@ def test_full_rank_layers_are_kept_bit_identical():
     assert torch.equal(before.run(*inputs)[0], after.run(*inputs)[0])
 
 
+def test_a_factoring_that_saves_too_little_is_not_made():
+    from orca_compiler import zoo
+
+    model, inputs = zoo.get("mlp")  # random weights: energy 0.9 needs rank 340/512 for net.0 (0.4% saved)
+    _, _, ir, after, record = _run("low-rank{energy=0.9}", model, inputs)
+    assert record.stats["factored"] == 0 and record.modified is False
+    _, _, _, _, record = _run("low-rank{energy=0.9,min_saving=0}", model, inputs)
+    assert record.stats["factored"] == 2  # net.0 and the 10-way head; net.2 would not save at all
+
+
 def test_fixed_rank_and_its_error_bound():
     torch.manual_seed(0)
     model, inputs = nn.Linear(128, 128).eval(), (torch.randn(4, 128),)
@@ -66,7 +76,8 @@ def test_fixed_rank_and_its_error_bound():
     assert error <= s[8] * 1.001
 
 
-@pytest.mark.parametrize("text,words", [("low-rank{energy=0}", "energy"), ("low-rank{rank=-1}", "rank")])
+@pytest.mark.parametrize("text,words", [("low-rank{energy=0}", "energy"), ("low-rank{rank=-1}", "rank"),
+                                        ("low-rank{min_saving=1}", "min_saving")])
 def test_bad_options_are_named(text, words):
     with pytest.raises(oc.PipelineError, match=words):
         PassManager(text)
