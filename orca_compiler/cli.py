@@ -87,6 +87,20 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+def _cmd_prune(args) -> int:
+    import torch
+
+    from .demo import max_abs_error
+    from .transform import prune
+
+    model, inputs = load_model(args.model)
+    pruned, report = prune(model, inputs, args.pipeline)
+    print(report)
+    with torch.no_grad():
+        print(f"max abs change of the outputs: {max_abs_error(model(*inputs), pruned(*inputs)):.3e}")
+    return 0
+
+
 def _cmd_debug(args) -> int:
     from .debug.cli import run
 
@@ -127,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-passes", action="store_true", help="print a table of time per pass")
     p.add_argument("--emit-cuda-source", metavar="FILE", help="write the generated CUDA source (cuda target)")
     p.set_defaults(fn=_cmd_compile)
+
+    p = sub.add_parser("prune", help="prune / factor a zoo model (or file.py:function); print the channel "
+                                     "groups, what each pass removed and the weight bytes")
+    p.add_argument("model", help="zoo name, or path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("--pipeline", default="prune-channels{ratio=0.5}",
+                   help="passes that change the model (default: prune-channels{ratio=0.5})")
+    p.set_defaults(fn=_cmd_prune)
 
     from .debug import cli as debug_cli
 

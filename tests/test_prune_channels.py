@@ -278,3 +278,12 @@ def test_reshape_groups_split_at_equal_products():
     assert reshape_groups([16, 2, 192], [16, 2, 3, 64]) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
     assert reshape_groups([2, 8, 1, 1], [2, 8]) == [([0], [0]), ([1], [1]), ([2], []), ([3], [])]
     assert reshape_groups([16, 2, 64], [16, 8, 16]) == [([0], [0]), ([1, 2], [1, 2])]
+
+
+def test_cli_prints_the_groups_and_the_weight_bytes(capsys):
+    from orca_compiler.cli import main
+
+    assert main(["prune", "mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "out-features of net.0 => bias of net.0, in-features of net.2 [1024 units]" in out
+    assert "weights: 6.341 MB -> 2.122 MB (33.5%)" in out
