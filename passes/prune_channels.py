@@ -172,33 +172,70 @@ def mean_activations(ir: GraphIR, ctx: PassContext, nodes: set[fx.Node]) -> dict
 
 # -- choosing the units ----------------------------------------------------------------------------
 
-def _layer_choice(groups, scores, ratio) -> dict[int, torch.Tensor]:
+def _slot_units(deps: ChannelDependencies, group: ChannelGroup) -> list[torch.Tensor]:
+    """For each slot of the group, the positions (in group.units) of the units it holds."""
+    return [torch.unique(_unit_positions(deps, group, s)) for s in group.slots]
+
+
+def _pick(order: list[int], count: int, slot_units: list[torch.Tensor], n: int) -> list[int]:
+    """The first `count` units of `order` whose removal leaves every slot at least one unit (a
+    concat's branch or a conv is never emptied)."""
+    remaining = [u.numel() for u in slot_units]
+    holders: list[list[int]] = [[] for _ in range(n)]
+    for i, units in enumerate(slot_units):
+        for u in units.tolist():
+            holders[u].append(i)
+    picked = []
+    for unit in order:
+        if len(picked) == count:
+            break
+        if all(remaining[i] > 1 for i in holders[unit]):
+            for i in holders[unit]:
+                remaining[i] -= 1
+            picked.append(unit)
+    return picked
+
+
+def _layer_choice(deps, groups, scores, ratio) -> dict[int, torch.Tensor]:
     chosen = {}
     for g in groups:
         n = g.units.numel()
         k = min(int(ratio * n + 1e-9), n - 1)
         if k > 0:
-            chosen[g.index] = torch.argsort(scores[g.index], stable=True)[:k]
+            order = torch.argsort(scores[g.index], stable=True).tolist()
+            picked = _pick(order, k, _slot_units(deps, g), n)
+            if picked:
+                chosen[g.index] = torch.tensor(sorted(picked))
     return chosen
 
 
-def _global_choice(groups, scores, ratio, max_ratio) -> dict[int, torch.Tensor]:
+def _global_choice(deps, groups, scores, ratio, max_ratio) -> dict[int, torch.Tensor]:
     entries = []
     for g in groups:
         s = scores[g.index]
         normalized = s / s.mean().clamp_min(1e-30)
         entries += [(float(v), g.index, i) for i, v in enumerate(normalized.tolist())]
-    total = len(entries)
-    budget = int(ratio * total + 1e-9)
+    budget = int(ratio * len(entries) + 1e-9)
     caps = {g.index: min(int(max_ratio * g.units.numel() + 1e-9), g.units.numel() - 1) for g in groups}
-    taken: dict[int, list[int]] = {}
+    orders: dict[int, list[int]] = {}
     for _, gi, i in sorted(entries):
+        orders.setdefault(gi, []).append(i)
+    # take units in global order, group by group caps and the never-empty-a-slot rule
+    by_index = {g.index: g for g in groups}
+    quota: dict[int, int] = {}
+    for _, gi, _ in sorted(entries):
         if budget <= 0:
             break
-        if len(taken.get(gi, [])) < caps[gi]:
-            taken.setdefault(gi, []).append(i)
+        if quota.get(gi, 0) < caps[gi]:
+            quota[gi] = quota.get(gi, 0) + 1
             budget -= 1
-    return {gi: torch.tensor(sorted(ix)) for gi, ix in taken.items()}
+    chosen = {}
+    for gi, count in quota.items():
+        g = by_index[gi]
+        picked = _pick(orders[gi], count, _slot_units(deps, g), g.units.numel())
+        if picked:
+            chosen[gi] = torch.tensor(sorted(picked))
+    return chosen
 
 
 # -- rewriting the IR ------------------------------------------------------------------------------
@@ -314,9 +351,9 @@ class PruneChannels(Pass):
             scores[g.index], fell_back = _group_scores(deps, g, opts.criterion, ir, grads, activations)
             fallbacks += fell_back
         if opts.scope == "layer":
-            chosen = _layer_choice(groups, scores, opts.ratio)
+            chosen = _layer_choice(deps, groups, scores, opts.ratio)
         else:
-            chosen = _global_choice(groups, scores, opts.ratio, opts.max_ratio)
+            chosen = _global_choice(deps, groups, scores, opts.ratio, opts.max_ratio)
         by_index = {g.index: g for g in groups}
         pruned = torch.cat([by_index[gi].units[ix] for gi, ix in chosen.items()]) if chosen else torch.empty(0, dtype=torch.long)
         if pruned.numel() == 0:
