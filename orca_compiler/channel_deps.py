@@ -31,7 +31,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .ir import GraphIR, iter_tensor_vals
+from .ir import GraphIR
 from .printer import op_name
 
 aten = torch.ops.aten
@@ -471,11 +471,9 @@ _RULES: dict[object, Callable[[fx.Node], OpRules]] = {
 
 
 def _rnn_rules() -> dict:
-    try:
-        from .ops import rnn
-    except ImportError:  # pragma: no cover
-        return {}
-    return {torch.ops.orca.lstm.default: _rnn, torch.ops.orca.gru.default: _rnn}
+    from .ops import rnn
+
+    return {rnn.LSTM: _rnn, rnn.GRU: _rnn}
 
 
 def has_rule(target) -> bool:
@@ -795,10 +793,7 @@ def analyze(ir: GraphIR, protect: Iterable[str] = ()) -> ChannelDependencies:
     return ChannelDependencies(ir, analysis.atoms, analysis.sets, groups, analysis.graph)
 
 
-def weight_slots(deps: ChannelDependencies, group: ChannelGroup) -> list[Slot]:
+def weight_slots(group: ChannelGroup) -> list[Slot]:
     """The slots of `group` that are dims of weight tensors (get_attr nodes)."""
     return [s for s in group.slots if s[0].op == "get_attr"]
 
-
-def value_leaves(node: fx.Node) -> list[torch.Tensor]:
-    return list(iter_tensor_vals(node.meta.get("val")))

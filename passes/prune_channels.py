@@ -19,7 +19,6 @@ removes the lowest `ratio` overall (at most `max_ratio` of any one group).
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,7 +77,7 @@ def _role(node: fx.Node) -> str:
 def _group_scores(deps, group, criterion, ir, grads, activations) -> tuple[torch.Tensor, bool]:
     """Importance of each unit of `group` (float64, one per unit) and whether bn-scale fell back."""
     scores = torch.zeros(group.units.numel(), dtype=torch.float64)
-    slots = weight_slots(deps, group)
+    slots = weight_slots(group)
     fell_back = False
     if criterion == "bn-scale":
         gammas = [s for s in slots if _role(s[0]) == "gamma"]
@@ -381,4 +380,3 @@ class PruneChannels(Pass):
                                 f"layers: {', '.join(sorted(n for n in names if '.' in n)[:20])}")
 
 
-__all__ = ["PruneChannels", "PruneChannelsOptions", "taylor_gradients", "mean_activations", "operator"]
