@@ -12,6 +12,7 @@ from .errors import (
     CaptureError, InputMismatchError, LoweringError, OrcaError, PassError, PipelineError, TargetError,
     UnsupportedOpError, VerificationError,
 )
+from .finetune import FinetuneReport, finetune
 from .ir import GraphIR
 from .pass_base import Pass, PassContext, PassResult, register_pass, registered_passes
 from .pipeline import NAMED_PIPELINES, format_pipeline, parse_pipeline
@@ -26,7 +27,8 @@ __version__ = "0.1.0"
 from . import passes  # noqa: E402,F401  (registers the pass library)
 
 __all__ = [
-    "compile", "prune", "TransformedModule", "TransformReport", "CompiledModule", "GraphIR", "Pass",
+    "compile", "prune", "finetune", "FinetuneReport", "TransformedModule", "TransformReport", "CompiledModule",
+    "GraphIR", "Pass",
     "PassContext", "PassResult", "register_pass",
     "registered_passes", "parse_pipeline", "format_pipeline", "NAMED_PIPELINES", "zoo",
     "OrcaError", "CaptureError", "PipelineError", "PassError", "VerificationError",

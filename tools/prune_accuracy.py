@@ -16,7 +16,6 @@ import sys
 import time
 
 import orca_compiler as oc
-from orca_compiler.finetune import finetune
 from orca_compiler import trained
 
 BATCH = 64
@@ -38,7 +37,7 @@ def evaluate(model_name: str, ratios, criteria, epochs: int) -> list[dict]:
             seconds = time.perf_counter() - start
             before_bytes, after_bytes = report.weight_bytes
             pruned_acc = base.accuracy(pruned, BATCH)
-            tune = finetune(pruned, base.loss, base.batches(BATCH), epochs=epochs, lr=1e-3)
+            tune = oc.finetune(pruned, base.loss, base.batches(BATCH), epochs=epochs, lr=1e-3)
             tuned_acc = base.accuracy(pruned, BATCH)
             compiled = oc.compile(pruned, inputs, pipeline="O2")
             rows.append({"model": model_name, "criterion": criterion, "ratio": ratio,

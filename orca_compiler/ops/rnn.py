@@ -189,3 +189,52 @@ def rnn_capture_shim():
         yield
     finally:
         rnn_module._VF = original
+
+
+# -- gradients of the whole-RNN ops (fine-tuning a captured graph) -----------------------------
+# The backward recomputes torch's own differentiable RNN on detached copies of the inputs and
+# differentiates that: torch's gradients, at the price of a second forward. It runs in the autograd
+# engine, not inside an op, because a custom op's kernel runs below the Autograd dispatch key (it
+# could not build a graph). It is written for eager training (orca_compiler.finetune); tracing a
+# training graph through it (torch.compile, aot_autograd) is not something we rely on.
+
+_RNN_FLAGS = ("has_biases", "num_layers", "dropout", "train", "bidirectional", "batch_first")
+
+
+def _setup_rnn_context(ctx, inputs, output) -> None:
+    x, hx, params, *flags = inputs
+    hx = [hx] if isinstance(hx, Tensor) else list(hx)
+    ctx.hx_is_list = not isinstance(inputs[1], Tensor)
+    ctx.counts = (len(hx), len(params))
+    ctx.flags = tuple(flags)
+    ctx.save_for_backward(x, *hx, *params)
+
+
+def _rnn_backward(aten_rnn, ctx, *grads: Tensor):
+    """Gradients of `aten_rnn` (aten.lstm.input / aten.gru.input) for (x, hx, params)."""
+    _, num_layers, dropout, train, _, _ = ctx.flags
+    if train and dropout > 0 and num_layers > 1:
+        # a recomputed forward would draw another dropout mask than the one the forward used
+        raise NotImplementedError("orca.lstm / orca.gru have no gradient with dropout in training mode")
+    saved = ctx.saved_tensors
+    n_hx, n_params = ctx.counts
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in saved]
+        x, hx, params = leaves[0], leaves[1:1 + n_hx], leaves[1 + n_hx:]
+        outputs = aten_rnn(x, hx if ctx.hx_is_list else hx[0], params, *ctx.flags)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+    result = [next(found) if t.requires_grad else None for t in leaves]
+    grad_hx = result[1:1 + n_hx]
+    return (result[0], grad_hx if ctx.hx_is_list else grad_hx[0], result[1 + n_hx:]) + (None,) * len(_RNN_FLAGS)
+
+
+torch.library.register_autograd(
+    "orca::lstm", lambda ctx, *grads: _rnn_backward(torch.ops.aten.lstm.input, ctx, *grads),
+    setup_context=_setup_rnn_context,
+)
+torch.library.register_autograd(
+    "orca::gru", lambda ctx, *grads: _rnn_backward(torch.ops.aten.gru.input, ctx, *grads),
+    setup_context=_setup_rnn_context,
+)
