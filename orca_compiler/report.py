@@ -46,8 +46,15 @@ class CompileReport:
         """One line per (op, choice): how many nodes got which kernel, and how it was decided."""
         counts: dict[tuple, int] = {}
         for k in self.kernels:
-            counts[(k.op, k.choice, k.how)] = counts.get((k.op, k.choice, k.how), 0) + 1
+            key = (k.op, getattr(k, "choice_text", k.choice), k.how)
+            counts[key] = counts.get(key, 0) + 1
         return "\n".join(f"  - {op} -> {choice}: {n} ({how})" for (op, choice, how), n in sorted(counts.items()))
+
+    def sparse_layers(self) -> list[str]:
+        """One sentence per layer with a sparse weight (prune-magnitude, prune-nm): which kernel
+        runs it and what the sparsity bought. No silent slow path: where a dense kernel won, it says
+        the sparsity saved memory (the stored weight) but not time."""
+        return [_sparse_sentence(k) for k in self.kernels if getattr(k, "layout", "")]
 
     def __str__(self) -> str:
         lines = [f"orca compile report: pipeline '{self.pipeline or '(none)'}', target {self.target}"]
@@ -67,6 +74,41 @@ class CompileReport:
         if self.kernels:
             lines.append(f"kernels ({len(self.kernels)} heavy ops):")
             lines.append(self.kernel_summary())
+        sparse = self.sparse_layers()
+        if sparse:
+            lines.append(f"sparse layers ({len(sparse)}):")
+            lines.extend(f"  - {line}" for line in sparse)
         if self.seconds:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+# Where a dense kernel runs a layer stored sparse. "Memory" is the stored weight (the IR, a saved
+# model): the dense kernel itself holds the re-densified weight.
+_MEMORY_NOT_TIME = "the sparsity saved memory (the stored weight), not time"
+
+
+def _sparse_sentence(choice) -> str:
+    """`%node -> kernel (...): what the sparsity bought` for one KernelChoice of a sparse op."""
+    from .lowering.extern import SPARSE_KERNELS
+
+    head = f"%{choice.node} -> {choice.choice}"
+    if not choice.measured:
+        return f"{head} ({choice.layout} kernel, {choice.how})" + ("" if choice.layout == "sparse" else f": {_MEMORY_NOT_TIME}")
+    sparse = {k: v for k, v in choice.times_us.items() if k in SPARSE_KERNELS}
+    dense = {k: v for k, v in choice.times_us.items() if k not in SPARSE_KERNELS}
+
+    def fastest(group: dict) -> str:
+        name = min(group, key=group.get) if group else None
+        return f"{name} {group[name]:.1f}us" if name else "none measured"
+
+    versus = f"sparse {fastest(sparse)} vs dense {fastest(dense)}, {choice.how}"
+    if choice.layout == "dense":
+        lost = "; ".join(f"{k} {reason}" for k, reason in choice.rejected.items() if k in SPARSE_KERNELS)
+        return (f"{head} (dense kernel on the re-densified weight won: {versus}"
+                + (f"; sparse rejected: {lost}" if lost else "") + f"): {_MEMORY_NOT_TIME}")
+    if dense and min(sparse.values(), default=float("inf")) > min(dense.values()):
+        # The whole-program check swapped a TVM kernel that was faster alone for this one.
+        return (f"{head} (sparse kernel, though alone slower: {versus}): the sparsity saved memory; "
+                "time only in the program as a whole")
+    return f"{head} (sparse kernel won: {versus}): the sparsity saved memory and time"

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from ..ops import fused
 from ..ops import rnn as rnn_ops
+from ..ops import sparse as sparse_ops
 from ..ops.pointwise import POINTWISE, arguments
 
 aten = torch.ops.aten
@@ -80,9 +81,12 @@ def _contiguous(result):
     return tuple(_contiguous(r) for r in result)
 
 
+_EAGER = {**fused.EAGER, **sparse_ops.EAGER}
+
+
 def _make_generic(node, args, kwargs):
     # Our fused ops run their Python code directly: the dispatcher would only add overhead.
-    op, bind = fused.EAGER.get(node.target, node.target), _binder(args, kwargs)
+    op, bind = _EAGER.get(node.target, node.target), _binder(args, kwargs)
 
     def run(*activations):
         filled_args, filled_kwargs = bind(activations)
@@ -140,6 +144,29 @@ def _linear_with_constant_weight(node: fx.Node) -> bool:
     return weight_ok and bias_ok and _all_float32_cpu(node)
 
 
+def _sparse_linear_with_constant_weight(node: fx.Node) -> bool:
+    """A sparse linear the dense kernels can take: float32 on CPU, CSR arrays and bias constant."""
+    x, values, bias = node.args[0], node.args[1], node.args[4]
+    if not isinstance(x, fx.Node) or x.op == "get_attr":
+        return False
+    constants = node.args[1:4] + (() if bias is None else (bias,))
+    if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in constants):
+        return False
+    floats = [_val(x), _val(values), _val(node)] + ([] if bias is None else [_val(bias)])
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in floats)
+
+
+def _densified(make_linear: Callable) -> Callable:
+    """A dense linear kernel's maker taking a sparse linear: the CSR weight is re-densified once,
+    when the kernel is bound (so the program holds the dense weight)."""
+    def make(node, args, kwargs):
+        x, values, cols, crows, bias, out_features, in_features = args
+        weight = sparse_ops.densify(values, cols, crows, out_features, in_features)
+        return make_linear(node, (x, weight, bias), {})
+
+    return make
+
+
 def _onednn_post_op(activation: str, act_args) -> tuple[str, list, str] | None:
     """oneDNN's post-op `(attr, scalars, algorithm)` for an activation; None if it has none."""
     if activation == fused.NO_ACTIVATION:
@@ -168,6 +195,8 @@ def _epilogue_fits_mkldnn(node: fx.Node) -> bool:
 def _mkldnn_applies(node: fx.Node) -> bool:
     if node.target is aten.linear.default:
         return _linear_with_constant_weight(node)
+    if node.target is sparse_ops.SPARSE_LINEAR:
+        return _sparse_linear_with_constant_weight(node)
     return _epilogue_fits_mkldnn(node)
 
 
@@ -241,17 +270,25 @@ HEAVY_OPS = frozenset({
 # The fused ops (ops/fused.py) whose kernel is chosen by measurement too.
 FUSED_HEAVY_OPS = frozenset({fused.CONV_EPILOGUE, fused.LINEAR_EPILOGUE, fused.ATTENTION})
 
+# Ops with a sparse weight (ops/sparse.py). Their "torch" candidate is the op's sparse kernel;
+# the other candidates are dense kernels on the re-densified weight (see `kernel_layout`).
+SPARSE_HEAVY_OPS = sparse_ops.SPARSE_OPS
+
 # torch's own kernel for every heavy op: the eager baseline, always a candidate.
-TORCH = ExternImpl("torch", HEAVY_OPS | FUSED_HEAVY_OPS, _make_generic)
+TORCH = ExternImpl("torch", HEAVY_OPS | FUSED_HEAVY_OPS | SPARSE_HEAVY_OPS, _make_generic)
 _MKLDNN_MAKERS = {
     aten.linear.default: _make_mkldnn_linear,
+    sparse_ops.SPARSE_LINEAR: _densified(_make_mkldnn_linear),
     fused.CONV_EPILOGUE: _make_mkldnn_conv_epilogue,
     fused.LINEAR_EPILOGUE: _make_mkldnn_linear_epilogue,
 }
 MKLDNN = ExternImpl("mkldnn", frozenset(_MKLDNN_MAKERS), lambda node, *rest: _MKLDNN_MAKERS[node.target](node, *rest),
                     applies=lambda n: _mkldnn_applies(n) and torch.backends.mkldnn.is_available())
-MKL_LINEAR = ExternImpl("mkl", frozenset({aten.linear.default}), _make_mkl_linear,
-                        applies=lambda n: _linear_with_constant_weight(n) and torch._C.has_mkl)
+_MKL_MAKERS = {aten.linear.default: _make_mkl_linear, sparse_ops.SPARSE_LINEAR: _densified(_make_mkl_linear)}
+MKL_LINEAR = ExternImpl("mkl", frozenset(_MKL_MAKERS), lambda node, *rest: _MKL_MAKERS[node.target](node, *rest),
+                        applies=lambda n: torch._C.has_mkl and (_sparse_linear_with_constant_weight(n)
+                                                                if n.target is sparse_ops.SPARSE_LINEAR
+                                                                else _linear_with_constant_weight(n)))
 
 EXTERN_IMPLS: tuple[ExternImpl, ...] = (TORCH, MKLDNN, MKL_LINEAR)
 
@@ -270,6 +307,19 @@ def has_extern(op) -> bool:
 
 def impl_named(name: str) -> ExternImpl:
     return next(impl for impl in EXTERN_IMPLS if impl.name == name)
+
+
+# The candidates that run a sparse op on its sparse weight; every other candidate of a sparse op
+# (tvm, mkldnn, mkl) runs a dense kernel on the re-densified weight.
+SPARSE_KERNELS = frozenset({"torch"})
+
+
+def kernel_layout(op: str, choice: str) -> str:
+    """For an op with a sparse weight (by printed name, e.g. "orca.sparse_linear"): "sparse" if
+    kernel `choice` runs on the sparse weight, "dense" if on the re-densified one; "" for other ops."""
+    if op not in sparse_ops.SPARSE_OP_NAMES:
+        return ""
+    return "sparse" if choice in SPARSE_KERNELS else "dense"
 
 
 @dataclass

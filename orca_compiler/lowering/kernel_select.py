@@ -22,7 +22,7 @@ from ..errors import LoweringError, OrcaError
 from ..ir import GraphIR, sanitize_name
 from ..printer import op_name
 from ..timing import time_interleaved
-from .extern import bind_extern, extern_impls_for, impl_named
+from .extern import bind_extern, extern_impls_for, impl_named, kernel_layout
 from .selection_cache import SelectionCache
 from .support import tvm_converts
 from .target import ResolvedTarget
@@ -47,10 +47,27 @@ class KernelChoice:
     times_us: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def measured(self) -> bool:
+        """Whether the choice compared timings (now, from the cache, or by the whole-program
+        check of lowering.lower), rather than being forced or a default."""
+        return self.how in ("measured", "cached", "whole-program check")
+
+    @property
+    def layout(self) -> str:
+        """For an op with a sparse weight: "sparse" when the chosen kernel runs on the sparse
+        weight, "dense" when on the re-densified one; "" for other ops."""
+        return kernel_layout(self.op, self.choice)
+
+    @property
+    def choice_text(self) -> str:
+        """The choice, with the weight layout it runs on for sparse ops ("mkldnn (dense)")."""
+        return f"{self.choice} ({self.layout})" if self.layout else self.choice
+
     def __str__(self) -> str:
         times = ", ".join(f"{k} {v:.1f}us" for k, v in sorted(self.times_us.items(), key=lambda kv: kv[1]))
         out = ", ".join(f"{k}: {v}" for k, v in self.rejected.items())
-        return (f"%{self.node} ({self.op}) -> {self.choice} [{self.how}{': ' + times if times else ''}]"
+        return (f"%{self.node} ({self.op}) -> {self.choice_text} [{self.how}{': ' + times if times else ''}]"
                 + (f" [out: {out}]" if out else ""))
 
 

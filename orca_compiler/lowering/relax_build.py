@@ -78,6 +78,10 @@ def _tracking_importer(externs: dict | None = None):
 
     class TrackingImporter(ExportedProgramImporter):
         current_node: str | None = None
+        # The weight tensors by the name of the placeholder that stands for them (import_relax
+        # fills it): converters that transform a weight at conversion time read it here, as
+        # TVM binds the weights only after converting the graph.
+        weights: dict = {}
 
         def _track(self, fn):
             def converter(node, *args):
@@ -132,6 +136,14 @@ def _extern_only_ops(gm: fx.GraphModule, externs: dict, importer) -> dict:
     return {name: no_tvm_kernel for name in names if name not in importer.convert_map}
 
 
+def _lifted_weights(ep) -> dict:
+    """Placeholder name -> tensor for every weight `to_exported_program` lifted to an input."""
+    from torch.export.graph_signature import InputKind
+
+    return {spec.arg.name: ep.state_dict[spec.target] for spec in ep.graph_signature.input_specs
+            if spec.kind == InputKind.BUFFER and spec.target in ep.state_dict}
+
+
 def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: ResolvedTarget | None = None):
     """GraphIR-convention GraphModule -> Relax IRModule (weights bound as constants).
 
@@ -143,6 +155,7 @@ def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: Resolv
     ep = to_exported_program(gm)
     _normalize_negative_select(ep.graph)
     importer = _tracking_importer(externs)
+    importer.weights = _lifted_weights(ep)
     converters = {**_extern_only_ops(gm, externs or {}, importer), **custom_converters()}
     try:
         with target.tvm_target if target is not None else contextlib.nullcontext():
