@@ -101,6 +101,18 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _cmd_memory(args) -> int:
+    from .capture import capture
+    from .lowering.support import keep_op_in_capture
+    from .memory_plan import memory_report
+    from .pass_manager import PassManager
+
+    model, inputs = load_model(args.model)
+    ir, _ = PassManager(args.pipeline).run(capture(model, inputs, keep_op=keep_op_in_capture).ir)
+    print(memory_report(ir))
+    return 0
+
+
 def _cmd_debug(args) -> int:
     from .debug.cli import run
 
@@ -148,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="prune-channels{ratio=0.5}",
                    help="passes that change the model (default: prune-channels{ratio=0.5})")
     p.set_defaults(fn=_cmd_prune)
+
+    p = sub.add_parser("memory", help="liveness and the activation memory plan of a model after a pipeline: "
+                                      "bytes resident, activation peak with and without buffer reuse")
+    p.add_argument("model", help="zoo name, or path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("--pipeline", default="O2", help="pipeline to run first (default O2)")
+    p.set_defaults(fn=_cmd_memory)
 
     from .debug import cli as debug_cli
 

@@ -1,0 +1,213 @@
+"""Liveness of every tensor of the IR and an activation memory plan with buffer reuse.
+
+Execution order is the order of the IR's call_function nodes (step i runs node i). For each
+tensor the analysis records the step that creates it and the last step that reads it:
+- weights (get_attr) and model inputs live from their first use to their last;
+- activations live from their producer to their last reader, and model outputs to the end;
+- views (ops whose schema says the result aliases an input: view, transpose, select, expand, ...)
+  take no memory of their own and keep their base alive as long as they are read;
+- each element of a multi-output op (an LSTM's output and states) is its own tensor.
+
+`plan_activations` places the activations in one arena: greedy by size (largest first, each at
+the lowest aligned offset where it overlaps no tensor whose lifetime overlaps its own), the
+"greedy by size" planner of TFLite and of the memory-planning literature. Its peak lies between
+the lower bound (the most bytes live at any one step) and the no-reuse total.
+
+Assumes the IR conventions of orca_compiler.ir; symbolic dimensions are sized at their example
+value (the plan is then for the example shapes).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .ir import GraphIR
+
+ALIGNMENT = 64
+
+
+@dataclass
+class TensorLife:
+    """One tensor: what it is, its size and the steps [first, last] during which it must exist."""
+
+    name: str
+    kind: str  # "weight" | "input" | "activation"
+    nbytes: int
+    first: int
+    last: int
+    node: fx.Node | None = None
+    index: int | None = None  # the element of a multi-output node
+    is_output: bool = False
+
+    def overlaps(self, other: "TensorLife") -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+
+def _nbytes(val) -> int:
+    if not isinstance(val, torch.Tensor):
+        return 0
+    numel = 1
+    for s in val.shape:
+        numel *= int(s) if isinstance(s, int) else int(s.node.hint)
+    return numel * val.element_size()
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether `node`'s result aliases an input (schema alias info; getitem of a tuple too)."""
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    return schema.returns[0].alias_info is not None and not schema.is_mutable
+
+
+def _storage(node: fx.Node) -> tuple[fx.Node, int | None]:
+    """The (node, element) whose memory `node`'s value lives in, following views."""
+    index = None
+    while node.op == "call_function" and is_view(node):
+        if node.target is operator.getitem:
+            node, index = node.args[0], node.args[1]
+            if node.op == "call_function" and not is_view(node):
+                return node, index
+            continue
+        node = node.args[0]
+    return node, index
+
+
+def liveness(ir: GraphIR) -> list[TensorLife]:
+    """Every tensor that takes memory (weights, inputs, activations), with its lifetime in steps."""
+    steps = {node: i for i, node in enumerate(ir.compute_nodes())}
+    end = len(steps)
+    lives: dict[tuple[fx.Node, int | None], TensorLife] = {}
+
+    def life(storage: tuple[fx.Node, int | None]) -> TensorLife:
+        if storage not in lives:
+            node, index = storage
+            val = node.meta.get("val")
+            if index is not None:
+                val = val[index]
+            kind = {"get_attr": "weight", "placeholder": "input"}.get(node.op, "activation")
+            first = steps.get(node, end) if kind == "activation" else end
+            name = node.name if index is None else f"{node.name}[{index}]"
+            lives[storage] = TensorLife(name, kind, _nbytes(val), first, first, node, index)
+        return lives[storage]
+
+    for node in ir.compute_nodes():
+        if not is_view(node):
+            val = node.meta.get("val")
+            for index in (range(len(val)) if isinstance(val, (tuple, list)) else [None]):
+                life((node, index))
+        for arg in node.all_input_nodes:
+            used = life(_storage(arg))
+            used.first = min(used.first, steps[node])
+            used.last = max(used.last, steps[node])
+    for value in ir.output_values():
+        if isinstance(value, fx.Node):
+            used = life(_storage(value))
+            used.last = end
+            used.is_output = True
+    return [t for t in lives.values() if t.nbytes > 0 and isinstance(t.node.meta.get("val"), (torch.Tensor, tuple, list))]
+
+
+@dataclass
+class MemoryPlan:
+    """Arena offsets of the activations, the arena size (peak) and two references: the bytes
+    without reuse and the lower bound (most bytes live at one step)."""
+
+    offsets: dict[str, int]
+    sizes: dict[str, int]
+    peak: int
+    no_reuse: int
+    lower_bound: int
+    lives: list[TensorLife] = field(default_factory=list)
+
+
+def _aligned(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def live_bytes_by_step(lives: list[TensorLife], steps: int) -> list[int]:
+    """Bytes of the given tensors alive at each step."""
+    totals = [0] * (steps + 1)
+    for t in lives:
+        for s in range(t.first, min(t.last, steps) + 1):
+            totals[s] += t.nbytes
+    return totals
+
+
+def plan_activations(ir: GraphIR, alignment: int = ALIGNMENT, reuse: bool = True) -> MemoryPlan:
+    """Place every activation in one arena (greedy by size; `reuse=False`: one slot each)."""
+    lives = [t for t in liveness(ir) if t.kind == "activation"]
+    steps = len(ir.compute_nodes())
+    offsets: dict[str, int] = {}
+    placed: list[tuple[TensorLife, int, int]] = []  # (life, offset, aligned size)
+    no_reuse = 0
+    for t in sorted(lives, key=lambda t: (-t.nbytes, t.first)):
+        size = _aligned(t.nbytes, alignment)
+        if not reuse:
+            offsets[t.name] = no_reuse
+        else:
+            busy = sorted((off, off + sz) for other, off, sz in placed if other.overlaps(t))
+            offset = 0
+            for lo, hi in busy:
+                if offset + size <= lo:
+                    break
+                offset = max(offset, hi)
+            offsets[t.name] = offset
+        placed.append((t, offsets[t.name], size))
+        no_reuse += size
+    peak = max((off + sz for _, off, sz in placed), default=0)
+    bound = max(live_bytes_by_step(lives, steps), default=0)
+    return MemoryPlan(offsets, {t.name: t.nbytes for t in lives}, peak, no_reuse, bound, lives)
+
+
+def run_in_arena(ir: GraphIR, plan: MemoryPlan, *inputs: torch.Tensor) -> tuple:
+    """Run the IR with every planned activation copied into its arena slot right after it is
+    computed (and read from there); outputs equal a normal run only if the plan is valid. A test
+    of the plan, not a runtime: the copies cost time."""
+    arena = torch.empty(max(plan.peak, 1), dtype=torch.uint8)
+    by_node = {(t.node, t.index): t for t in plan.lives}
+
+    def place(value, life: TensorLife):
+        if not isinstance(value, torch.Tensor) or life.name not in plan.offsets:
+            return value
+        start = plan.offsets[life.name]
+        raw = arena[start:start + value.numel() * value.element_size()].view(value.dtype)
+        slot = raw.as_strided(value.shape, value.stride())  # the kernel's layout (e.g. sdpa's output)
+        slot.copy_(value)
+        return slot
+
+    class ArenaInterpreter(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n.op != "call_function" or is_view(n):
+                return result
+            if isinstance(result, (tuple, list)):
+                return type(result)(place(v, by_node[(n, i)]) if (n, i) in by_node else v for i, v in enumerate(result))
+            return place(result, by_node[(n, None)]) if (n, None) in by_node else result
+
+    ir.recompile()
+    with torch.no_grad():
+        out = ArenaInterpreter(ir.gm).run(*inputs)
+    return tuple(t.clone() for t in (out if isinstance(out, (tuple, list)) else (out,)))
+
+
+def memory_report(ir: GraphIR) -> str:
+    """A table per tier (one tier, 'ram', until placement assigns others): bytes resident, the
+    activation peak with and without reuse, and the lower bound."""
+    lives = liveness(ir)
+    plan = plan_activations(ir)
+    weights = sum(t.nbytes for t in lives if t.kind == "weight")
+    inputs = sum(t.nbytes for t in lives if t.kind == "input")
+    largest = sorted(plan.lives, key=lambda t: -t.nbytes)[:5]
+    lines = [
+        "tier  resident weights  inputs  activation peak (reuse)  without reuse  lower bound  moved",
+        f"ram   {weights:>16,}  {inputs:>6,}  {plan.peak:>23,}  {plan.no_reuse:>13,}  {plan.lower_bound:>11,}  0",
+        "largest activations (bytes, live steps):",
+    ]
+    lines += [f"  %{t.name}: {t.nbytes:,} [{t.first}, {t.last}]" for t in largest]
+    return "\n".join(lines)
