@@ -17,6 +17,7 @@ from .ir import GraphIR
 from .pass_base import Pass, PassContext, PassResult, register_pass, registered_passes
 from .pipeline import NAMED_PIPELINES, format_pipeline, parse_pipeline
 from .runtime import CompiledModule
+from .serialize import LoadError, load
 from .transform import TransformedModule, TransformReport, prune
 
 __version__ = "0.1.0"
@@ -32,5 +33,5 @@ __all__ = [
     "PassContext", "PassResult", "register_pass",
     "registered_passes", "parse_pipeline", "format_pipeline", "NAMED_PIPELINES", "zoo",
     "OrcaError", "CaptureError", "PipelineError", "PassError", "VerificationError",
-    "UnsupportedOpError", "LoweringError", "TargetError", "InputMismatchError",
+    "UnsupportedOpError", "LoweringError", "TargetError", "InputMismatchError", "load", "LoadError",
 ]

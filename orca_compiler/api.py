@@ -17,7 +17,7 @@ from .ir import GraphIR
 from .runtime import CompiledModule, IndexGuard, InputSignature
 
 _OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db", "dynamic_shapes",
-            "calibration_data", "calibration_loss")
+            "calibration_data", "calibration_loss", "cache", "cache_dir")
 
 
 def _normalize_inputs(example_inputs: Any) -> tuple:
@@ -82,7 +82,12 @@ def compile(
     "tvm" / "torch" / "mkldnn" / "mkl" to force that kernel wherever it applies), `tuning_db` (a
     meta_schedule database folder, see lowering/tuning.py: TVM kernels use its schedules where it
     has records), `dynamic_shapes` (above), `calibration_data` / `calibration_loss` (inputs, or
-    (inputs, target) pairs with a loss, for passes that need data: see orca_compiler.prune). Assumes an inference model (model.eval()).
+    (inputs, target) pairs with a loss, for passes that need data: see orca_compiler.prune), `cache`
+    ("on", the default unless $ORCA_COMPILE_CACHE says otherwise: a compile of the same model,
+    weights, input signature, pipeline, target and options is served from this process's cache or
+    from disk; "read-only": use the disk cache but never write it; "off"), `cache_dir` (the disk
+    cache's folder; default $ORCA_COMPILE_CACHE_DIR or `orca_compiler.cache_dir.cache_dir()/compiled`;
+    see docs/caching.md). Assumes an inference model (model.eval()).
     """
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -94,6 +99,12 @@ def compile(
     fullgraph = bool(options.get("fullgraph", False))
     manager = PassManager(pipeline)  # parse first: a typo fails in milliseconds, not after capture
     resolved = resolve_target(target)
+    from .compile_cache import CacheRequest
+
+    cache = CacheRequest.make(model, inputs, manager.text, resolved, options)
+    hit = cache.lookup()
+    if hit is not None:
+        return hit
     report = CompileReport(pipeline=manager.text, target=str(resolved.tvm_target.kind.name))
     t0 = time.perf_counter()
     try:
@@ -103,8 +114,10 @@ def compile(
             raise
         from .graph_breaks import compile_with_graph_breaks
 
-        return compile_with_graph_breaks(model, inputs, exc, pipeline=manager.text, target=target,
-                                         report=report, options=options)
+        compiled = compile_with_graph_breaks(model, inputs, exc, pipeline=manager.text, target=target,
+                                             report=report, options=options)
+        cache.store(compiled)  # reports why it is not cached
+        return compiled
     t1 = time.perf_counter()
     report.capture_method = captured.method
     report.capture_failures = captured.failed_attempts
@@ -138,4 +151,8 @@ def compile(
         guards=index_guards(ir),
     )
     compiled.executables = lowered.executables
+    from .serialize import Artifact
+
+    compiled.artifact = Artifact.of(ir, lowered)
+    cache.store(compiled)
     return compiled

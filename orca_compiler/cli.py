@@ -133,6 +133,32 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    import time
+
+    from .compile_cache import DiskStore, parse_size
+    from .errors import OrcaError
+
+    store = DiskStore(args.dir)
+    if args.action == "stats":
+        entries = store.entries()
+        total = sum(e["bytes"] for e in entries)
+        print(f"{store.root}: {len(entries)} entries, {total / 2**20:.1f} MiB")
+        for e in entries:
+            age = time.time() - e["last_used"]
+            print(f"  {e['key'][:16]}  {e['bytes'] / 2**20:7.2f} MiB  used {age / 3600:6.1f} h ago  {e['what']}")
+    elif args.action == "clear":
+        print(f"removed {store.clear()} entries from {store.root}")
+    else:
+        if args.max_size is None:
+            raise OrcaError("orca cache prune needs --max-size SIZE (e.g. 500M, 2G)")
+        removed = store.prune(parse_size(args.max_size))
+        left = store.entries()
+        print(f"removed {len(removed)} least recently used entries ({sum(e['bytes'] for e in removed) / 2**20:.1f} MiB); "
+              f"{len(left)} entries, {sum(e['bytes'] for e in left) / 2**20:.1f} MiB left in {store.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orca", description="orca_compiler: compile PyTorch models through TVM.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -185,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the zoo against eager, torch.compile, onnxruntime and the machine's limits",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p).set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("cache", help="the on-disk compile cache: stats, clear, prune --max-size SIZE")
+    p.add_argument("action", choices=("stats", "clear", "prune"))
+    p.add_argument("--max-size", metavar="SIZE", help="prune: drop least recently used entries down to SIZE (500M, 2G)")
+    p.add_argument("--dir", help="the cache folder (default: $ORCA_COMPILE_CACHE_DIR, else <cache dir>/compiled)")
+    p.set_defaults(fn=_cmd_cache)
+
     return parser
 
 

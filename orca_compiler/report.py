@@ -19,6 +19,7 @@ class CompileReport:
     partitions: int = 0
     kernels: list = field(default_factory=list)  # lowering.KernelChoice per heavy op
     seconds: dict = field(default_factory=dict)
+    cache: object = None  # compile_cache.CacheInfo: the level that served this compile, hits/misses
 
     @property
     def fully_compiled(self) -> bool:
@@ -78,6 +79,8 @@ class CompileReport:
         if sparse:
             lines.append(f"sparse layers ({len(sparse)}):")
             lines.extend(f"  - {line}" for line in sparse)
+        if self.cache is not None:
+            lines.append(str(self.cache))
         if self.seconds:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)

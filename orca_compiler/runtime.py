@@ -132,6 +132,10 @@ class CompiledModule(torch.nn.Module):
         self.out_spec = out_spec
         self.report = report
         self.ir = ir
+        # What save() and the compile cache write (serialize.Artifact); None for programs that
+        # cannot be saved (compiled through graph breaks).
+        self.artifact = None
+        self.l1_calls = [0]  # calls served by the functions built into this module (report's L1 hits)
         # Per-call fast path (dispatch dominates small models at batch 1): positional tensors
         # only, one TVM executable, outputs that are a flat tuple or a single tensor.
         n = len(self.signature)
@@ -157,6 +161,7 @@ class CompiledModule(torch.nn.Module):
         return flat
 
     def forward(self, *args, **kwargs):
+        self.l1_calls[0] += 1
         flat = self._flatten_inputs(args, kwargs)
         for guard in self.guards:
             guard.check(flat[guard.input_index])
@@ -170,6 +175,14 @@ class CompiledModule(torch.nn.Module):
         if self.out_spec is None:
             return outputs[0] if len(outputs) == 1 else outputs
         return pytree.tree_unflatten(list(outputs), self.out_spec)
+
+    def save(self, path) -> None:
+        """Write this module to the folder `path` (replaced atomically if it exists): the TVM
+        libraries, the IR and the metadata that `orca_compiler.load(path)` needs to rebuild it
+        without capturing, running passes or building with TVM (the compile cache's format)."""
+        from .serialize import save
+
+        save(self, path)
 
     def print_ir(self, file=None) -> str:
         """Print (and return) the IR after the pipeline, one line per node."""

@@ -14,6 +14,10 @@ from torch.utils import _pytree as pytree
 # Tests never read or write the user's cache: one fresh cache folder per test session (kernel
 # selections measured by one test are reused by the next, as they would be on a user's machine).
 os.environ["ORCA_CACHE_DIR"] = tempfile.mkdtemp(prefix="orca-test-cache-")
+# The compile cache (L2/L3) is off for the suite: a test that monkeypatches the compiler must see
+# its patch take effect, not a program cached by an earlier test. tests/test_compile_cache.py
+# turns it on for itself.
+os.environ.setdefault("ORCA_COMPILE_CACHE", "off")
 
 RTOL = 1e-4
 ATOL = 1e-5

@@ -45,6 +45,12 @@ class LoweredProgram:
     build_seconds: float = 0.0
     kernels: list[KernelChoice] = field(default_factory=list)
     selection_seconds: float = 0.0
+    # What a saved program needs to be put back together without TVM (serialize.py): the nodes
+    # left to eager before partitioning (name -> reason), and each partition's name, its nodes and
+    # its executable (None where TVM failed on it and it runs in eager).
+    unsupported: dict[str, str] = field(default_factory=dict)
+    partition_nodes: dict[str, list[str]] = field(default_factory=dict)
+    partition_executables: dict[str, object] = field(default_factory=dict)
 
 
 class _Supported(OperatorSupportBase):
@@ -174,11 +180,23 @@ def _lower_with(ir: GraphIR, resolved: ResolvedTarget, choices: dict, fullgraph:
             rejected[node] = str(exc)  # retry with that node in eager
             continue
         program.fallbacks = [Fallback(n.name, op_name(n), r) for n, r in unsupported.items()] + program.fallbacks
+        program.unsupported = {n.name: r for n, r in unsupported.items()}
         return program
 
 
+def assemble(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict[str, str], externs: dict,
+             executables: dict) -> LoweredProgram:
+    """Put a partitioned program back together from executables built before (a saved or cached
+    program, see serialize.py): the same partitioning of `ir` with `unsupported` (node name ->
+    reason) left to eager, and `executables` (partition name -> executable, or None for a
+    partition that runs in eager) instead of building with TVM."""
+    nodes = {node.name: node for node in ir.compute_nodes()}
+    return _build(ir, resolved, {nodes[name]: reason for name, reason in unsupported.items()}, False, externs,
+                  None, prebuilt=executables)
+
+
 def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: bool, externs: dict,
-           database) -> LoweredProgram:
+           database, prebuilt: dict | None = None) -> LoweredProgram:
     if not unsupported:
         try:
             executable = build_executable(ir.gm, resolved, what="the graph", externs=externs, database=database)
@@ -195,17 +213,25 @@ def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: 
     partitions = [p for p in partitioner.propose_partitions() if any(op_name(n) != "getitem" for n in p.nodes)]
     parent = partitioner.fuse_partitions(partitions)
     fallbacks, executables = [], []
+    partition_nodes, partition_executables = {}, {}
     for call in [n for n in parent.graph.nodes if n.op == "call_module"]:
         single_output = _inline_weights(parent, call)
         sub = getattr(parent, call.target)
         names = [f"%{n.name}" for n in _nodes_of(sub)]
+        partition_nodes[call.target] = [n.name for n in sub.graph.nodes]
         what = f"partition '{call.target}' ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
-        try:
-            executable = build_executable(sub, resolved, what=what, externs=externs, database=database)
-        except LoweringError as exc:
-            if fullgraph or getattr(exc, "node", None) is not None:
-                raise
-            fallbacks.extend(Fallback(n.name, op_name(n), str(exc)) for n in _nodes_of(sub))
+        if prebuilt is not None:  # None: a partition TVM failed on when it was built, eager
+            executable = prebuilt.get(call.target)
+        else:
+            try:
+                executable = build_executable(sub, resolved, what=what, externs=externs, database=database)
+            except LoweringError as exc:
+                if fullgraph or getattr(exc, "node", None) is not None:
+                    raise
+                fallbacks.extend(Fallback(n.name, op_name(n), str(exc)) for n in _nodes_of(sub))
+                executable = None
+        partition_executables[call.target] = executable
+        if executable is None:
             continue
         executables.append(executable)
         setattr(parent, call.target, TVMGraphModule(executable, resolved, externs=externs))
@@ -213,7 +239,9 @@ def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: 
             _take_first_result(parent, call)
     parent.graph.lint()
     parent.recompile()
-    return LoweredProgram(parent, resolved, fallbacks, executables, len(executables))
+    program = LoweredProgram(parent, resolved, fallbacks, executables, len(executables))
+    program.partition_nodes, program.partition_executables = partition_nodes, partition_executables
+    return program
 
 
 def _take_first_result(parent: fx.GraphModule, call: fx.Node) -> None:
