@@ -19,6 +19,7 @@ from .pipeline import NAMED_PIPELINES, format_pipeline, parse_pipeline
 from .runtime import CompiledModule
 from .serialize import LoadError, load
 from .transform import TransformedModule, TransformReport, prune
+from .tune import TuneReport, tune
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 from . import passes  # noqa: E402,F401  (registers the pass library)
 
 __all__ = [
-    "compile", "prune", "finetune", "FinetuneReport", "TransformedModule", "TransformReport", "CompiledModule",
+    "compile", "prune", "finetune", "tune", "TuneReport", "FinetuneReport", "TransformedModule", "TransformReport", "CompiledModule",
     "GraphIR", "Pass",
     "PassContext", "PassResult", "register_pass",
     "registered_passes", "parse_pipeline", "format_pipeline", "NAMED_PIPELINES", "zoo",

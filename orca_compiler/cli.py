@@ -159,6 +159,32 @@ def _cmd_cache(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from .errors import OrcaError
+    from .lowering import tuning_db
+
+    if args.model == "show":
+        if len(args.paths) != 1:
+            raise OrcaError("usage: orca tune show DIR")
+        print(tuning_db.show(args.paths[0]))
+        return 0
+    if args.model == "merge":
+        if len(args.paths) < 2 or not args.output:
+            raise OrcaError("usage: orca tune merge A B [C ...] -o OUT")
+        for key, count in tuning_db.merge(args.paths, args.output).items():
+            print(f"{args.output}/{key}: {count} records")
+        return 0
+    if args.paths:
+        raise OrcaError(f"orca tune takes one MODEL, got extra arguments {args.paths} (or: orca tune merge|show ...)")
+    from .tune import tune
+
+    report = tune(args.model, pipeline=args.pipeline, target=args.target, trials=args.trials,
+                  time_budget=args.time_budget, db=args.db, rpc=args.rpc, device_key=args.device_key,
+                  trials_per_round=args.trials_per_round, compare=not args.no_compare, progress=not args.quiet)
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orca", description="orca_compiler: compile PyTorch models through TVM.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -218,6 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="the cache folder (default: $ORCA_COMPILE_CACHE_DIR, else <cache dir>/compiled)")
     p.set_defaults(fn=_cmd_cache)
 
+    p = sub.add_parser("tune", help="tune a model's TVM kernels into a target-aware database; "
+                                    "`orca tune merge A B -o C`, `orca tune show DIR`",
+                       description="orca tune MODEL [options] | orca tune merge A B -o OUT | orca tune show DIR")
+    p.add_argument("model", help="zoo name or path/to/file.py:function; or the word merge / show")
+    p.add_argument("paths", nargs="*", help="merge: the databases to merge; show: the database")
+    p.add_argument("-o", "--output", help="merge: the database to write (may be one of the inputs)")
+    p.add_argument("--trials", type=int, default=64, help="trials for the model's tasks in the database (default 64)")
+    p.add_argument("--time-budget", type=float, metavar="S",
+                   help="stop S seconds after the start (checked after each round)")
+    p.add_argument("--db", default="tuning_db", help="the database folder (default ./tuning_db)")
+    p.add_argument("--target", default="llvm", help="llvm (default: this CPU) or cuda")
+    p.add_argument("--pipeline", default="O2", help="the pipeline whose lowered graph is tuned (default O2)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on the servers of this TVM RPC tracker")
+    p.add_argument("--device-key", metavar="KEY", help="with --rpc: the key the RPC servers registered")
+    p.add_argument("--trials-per-round", type=int, default=8,
+                   help="trials the search proposes and measures per round (default 8)")
+    p.add_argument("--no-compare", action="store_true", help="skip timing eager / untuned / tuned at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_cmd_tune)
     return parser
 
 

@@ -155,7 +155,8 @@ def _database_identity(database) -> str:
     from pathlib import Path
 
     path = Path(database).resolve()
-    stamps = [f.stat().st_mtime_ns for f in path.glob("*.json")] if path.is_dir() else []
+    # A target-aware root (orca tune) keeps its records one level down, per target.
+    stamps = [f.stat().st_mtime_ns for f in [*path.glob("*.json"), *path.glob("*/*.json")]] if path.is_dir() else []
     return f"{path}@{max(stamps, default=0)}"
 
 

@@ -17,6 +17,7 @@ keeps the records measured so far; `load_database` drops a line cut short by the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -29,20 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OrcaError
-from . import _fast_inspect
+from . import _fast_inspect, tuning_db
 
-TUNE_PIP = 'pip install "apache-tvm-ffi<0.1.15" psutil cloudpickle xgboost-cpu'
+TUNE_PIP = 'pip install "apache-tvm-ffi<0.1.15" psutil cloudpickle xgboost-cpu tqdm'
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 
 # module name -> pip package that provides it (meta_schedule's wheel extras)
-_TUNING_MODULES = {"psutil": "psutil", "cloudpickle": "cloudpickle", "xgboost": "xgboost-cpu"}
+_TUNING_MODULES = {"psutil": "psutil", "cloudpickle": "cloudpickle", "xgboost": "xgboost-cpu", "tqdm": "tqdm"}
 _MS_LOGGER = "tvm.s_tir.meta_schedule"
 _PREPARED = "orca.prepared_for_tuning"  # IRModule attribute
 
 
-class TuningError(OrcaError):
-    """Tuning cannot run (a missing package, a bad target) or a tuning database cannot be used."""
+TuningError = tuning_db.TuningError  # defined there (no import cycle), raised here too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +151,35 @@ def needs_transform_params(mod) -> bool:
     return any(gv.name_hint.endswith("_transform_params") for gv in mod.functions)
 
 
+@contextlib.contextmanager
+def meta_schedule_logging(verbose: bool = False):
+    """meta_schedule's logger set up for one tuning run, and put back as it was afterwards.
+
+    Its console handler takes the level the logger has when tuning starts (WARNING unless
+    `verbose`). Each run calls logging.config.dictConfig with the names of the handlers on its
+    logger, and fails on a handler without a name (pytest's capture handlers end up there after
+    a first run in the process): those are set aside meanwhile, and the run's own handlers
+    (console, log files) are closed after it.
+    """
+    logger = logging.getLogger(_MS_LOGGER)
+    level, before = logger.level, list(logger.handlers)
+    for handler in before:
+        if handler.get_name() is None:
+            logger.removeHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        for handler in logger.handlers[:]:
+            if handler not in before:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in before:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+
+
 # ---------------------------------------------------------------------------------------------
 # tuning
 
@@ -193,12 +222,8 @@ def tune_module(
     initializer = fast_inspect_worker_initializer()
     builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout_s, initializer=initializer)
     runner = ms.runner.LocalRunner(timeout_sec=timeout_s, initializer=initializer)
-    logger = logging.getLogger(_MS_LOGGER)
-    level = logger.level
-    # meta_schedule's console handler takes the level its logger has when tuning starts.
-    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     try:
-        with target:
+        with target, meta_schedule_logging(verbose):
             ms.relax_integration.tune_relax(
                 prepared,
                 params={},
@@ -217,8 +242,6 @@ def tune_module(
         from .relax_build import tvm_error_summary
 
         raise TuningError(f"meta_schedule tuning failed in {work_dir}: {tvm_error_summary(exc)}") from exc
-    finally:
-        logger.setLevel(level)
     return work_dir
 
 
@@ -266,8 +289,12 @@ def load_database(work_dir: str | Path):
         raise TuningError(
             f"no tuning database in {work_dir}: {', '.join(missing)} not found (tune_module writes them)"
         )
-    workloads, cut_w = _json_lines(workload_path)
-    records, cut_r = _json_lines(record_path)
+    # A target folder of `orca tune` may be appended to by a running tuner: read under its lock.
+    shared = tuning_db.locked(work_dir, exclusive=False) if (Path(work_dir) / tuning_db.TARGET_FILE).is_file() \
+        else contextlib.nullcontext()
+    with shared:
+        workloads, cut_w = _json_lines(workload_path)
+        records, cut_r = _json_lines(record_path)
     if not (cut_w or cut_r):
         source, tmp = (workload_path, record_path), None
     else:
@@ -296,8 +323,13 @@ def load_database(work_dir: str | Path):
             tmp.cleanup()  # the database reads its files when created
 
 
-def count_records(work_dir: str | Path) -> int:
-    """How many tuning records the database in `work_dir` holds (0 if there is none)."""
+def count_records(work_dir: str | Path, target=None) -> int:
+    """How many tuning records the database in `work_dir` holds (0 if there is none); for a
+    target-aware root, those of `target`'s subfolder."""
+    if target is not None and not tuning_db.is_flat(work_dir):
+        work_dir = tuning_db.records_dir_for(work_dir, tuning_target(target))
+        if work_dir is None:
+            return 0
     if not all(p.is_file() for p in database_paths(work_dir)):
         return 0
     return len(load_database(work_dir).get_all_tuning_records())
@@ -311,13 +343,25 @@ def apply_database(mod, target, work_dir: str | Path):
     of the tuned kernels is split out (SplitLayoutRewritePreproc); on constant weights FoldConstant
     runs it now, on parameter weights LiftTransformParams moves it to `main_transform_params`
     (see `needs_transform_params`). Raises TuningError for a missing or corrupt database.
+
+    `work_dir` is a plain meta_schedule work_dir (used as it is), or a target-aware root written
+    by `orca_compiler.tune` (tuning_db.py): only the subfolder of `target` is read, so records
+    measured on another CPU/GPU or with other TVM versions are never applied.
     """
     import tvm
     from tvm.relax import transform as T
+    from tvm.s_tir import meta_schedule as ms
 
     target = tuning_target(target)
-    database = load_database(work_dir)
+    if not Path(work_dir).is_dir():
+        raise TuningError(f"no tuning database in {work_dir}: the folder does not exist")
+    records_dir = tuning_db.records_dir_for(work_dir, target)
+    if records_dir is None:
+        _warn_no_records(Path(work_dir), target)
+    database = load_database(records_dir) if records_dir is not None else ms.database.MemoryDatabase()
     prepared = prepare_for_tuning(mod, target)
+    for recorder in _RECORDERS:
+        recorder.append(prepared)
     with target, database:  # MetaScheduleApplyDatabase reads both when it is created
         passes = [
             T.MetaScheduleApplyDatabase(),
@@ -327,3 +371,30 @@ def apply_database(mod, target, work_dir: str | Path):
             T.DeadCodeElimination(),  # the prepack PrimFuncs, once folded into the constants
         ]
         return tvm.transform.Sequential(passes)(prepared)
+
+
+_RECORDERS: list[list] = []
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_no_records(root: Path, target) -> None:
+    """Say once per (database, target) that its records are for other targets only."""
+    key = tuning_db.target_key(target)
+    others = [folder.name for folder, _ in tuning_db.target_dirs(root) if folder.name != key]
+    if others and (str(root), key) not in _WARNED:
+        _WARNED.add((str(root), key))
+        warnings.warn(f"tuning database {root} has no records for this target ({key}), only for "
+                      f"{', '.join(others)}: TVM kernels build untuned", stacklevel=3)
+
+
+@contextlib.contextmanager
+def recording_modules():
+    """Collect every module `apply_database` prepares meanwhile (the modules a compile with a
+    `tuning_db` builds: whole programs, partitions, kernel-selection probes). `orca tune`
+    extracts its tasks from them, so it tunes exactly the kernels the lowering asks for."""
+    modules: list = []
+    _RECORDERS.append(modules)
+    try:
+        yield modules
+    finally:
+        _RECORDERS.remove(modules)
