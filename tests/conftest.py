@@ -59,3 +59,18 @@ def debug_zoo(name: str, pipeline: str, **options):
 
     model, inputs = zoo.get(name)
     return debug_model(model, inputs, pipeline, DebugOptions(**options))
+
+
+def _tuning_dependencies_missing() -> str | None:
+    from orca_compiler.lowering import tuning
+
+    try:
+        tuning.check_tuning_dependencies()
+    except tuning.TuningError as exc:
+        return str(exc)
+    return None
+
+
+_MISSING_TUNING = _tuning_dependencies_missing()
+# meta_schedule tuning needs the apache-tvm wheel's extras (the `tune` extra of pyproject.toml)
+needs_tuning_deps = pytest.mark.skipif(_MISSING_TUNING is not None, reason=f"tuning deps missing: {_MISSING_TUNING}")

@@ -22,12 +22,8 @@ import torch
 from orca_compiler.lowering import tuning, tuning_db
 from orca_compiler.lowering.target import resolve_target
 
-try:
-    tuning.check_tuning_dependencies()
-    MISSING = None
-except tuning.TuningError as exc:
-    MISSING = str(exc)
-needs_tuning_deps = pytest.mark.skipif(MISSING is not None, reason=f"tuning deps missing: {MISSING}")
+from conftest import _MISSING_TUNING as MISSING, needs_tuning_deps
+
 try:  # TVM's RPC tracker needs it (the `tune` extra)
     import tornado  # noqa: F401
     NO_TORNADO = None

@@ -13,14 +13,8 @@ from orca_compiler.lowering.relax_build import import_relax
 from orca_compiler.lowering.support import keep_op_in_capture
 from orca_compiler.lowering.target import resolve_target
 
-from conftest import assert_outputs_close
+from conftest import assert_outputs_close, needs_tuning_deps
 
-try:
-    tuning.check_tuning_dependencies()
-    MISSING = None
-except tuning.TuningError as exc:
-    MISSING = str(exc)
-needs_tuning_deps = pytest.mark.skipif(MISSING is not None, reason=f"tuning deps missing: {MISSING}")
 
 
 def _model(*widths):
