@@ -16,7 +16,7 @@ from .report import CompileReport
 from .ir import GraphIR
 from .runtime import CompiledModule, IndexGuard, InputSignature
 
-_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db", "dynamic_shapes",
+_OPTIONS = ("fullgraph", "verify_each", "instruments", "pass_config", "kernels", "tuning_db", "dynamic_shapes", "eager_guard",
             "calibration_data", "calibration_loss", "cache", "cache_dir")
 
 
@@ -87,7 +87,9 @@ def compile(
     weights, input signature, pipeline, target and options is served from this process's cache or
     from disk; "read-only": use the disk cache but never write it; "off"), `cache_dir` (the disk
     cache's folder; default $ORCA_COMPILE_CACHE_DIR or `orca_compiler.cache_dir.cache_dir()/compiled`;
-    see docs/caching.md). Assumes an inference model (model.eval()).
+    see docs/caching.md), `eager_guard` (default True, or $ORCA_EAGER_GUARD: on CPU, time the
+    compiled program against the model in eager PyTorch and run eager where it is faster; see
+    orca_compiler/eager_guard.py). Assumes an inference model (model.eval()).
     """
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
@@ -141,9 +143,18 @@ def compile(
     report.kernels = lowered.kernels
     report.seconds = {"capture": t1 - t0, "passes": t2 - t1, "kernel selection": lowered.selection_seconds,
                       "lowering": t3 - t2 - lowered.selection_seconds, "total": t3 - t0}
+    program = lowered.module
+    signature = [InputSignature.of(t, _symbolic_dims(node)) for t, node in zip(pytree.tree_leaves(inputs), ir.input_nodes())]
+    from . import eager_guard
+
+    if eager_guard.enabled(options, resolved, any(None in s.shape for s in signature)):
+        eager = eager_guard.EagerProgram(model, ir.in_spec)
+        report.eager_guard = eager_guard.compare(program, eager, list(pytree.tree_leaves(inputs)))
+        if report.eager_guard.chose == "eager":
+            program = eager
     compiled = CompiledModule(
-        lowered.module,
-        signature=[InputSignature.of(t, _symbolic_dims(node)) for t, node in zip(pytree.tree_leaves(inputs), ir.input_nodes())],
+        program,
+        signature=signature,
         in_spec=ir.in_spec,
         out_spec=ir.out_spec,
         report=report,
@@ -153,6 +164,10 @@ def compile(
     compiled.executables = lowered.executables
     from .serialize import Artifact
 
-    compiled.artifact = Artifact.of(ir, lowered)
+    if isinstance(program, eager_guard.EagerProgram):
+        cache.key = None  # the decision is this machine's, now: the next compile measures again
+        cache.info.events.append("not cached: the eager guard chose eager PyTorch")
+    else:
+        compiled.artifact = Artifact.of(ir, lowered)
     cache.store(compiled)
     return compiled

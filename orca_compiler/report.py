@@ -20,6 +20,7 @@ class CompileReport:
     kernels: list = field(default_factory=list)  # lowering.KernelChoice per heavy op
     seconds: dict = field(default_factory=dict)
     cache: object = None  # compile_cache.CacheInfo: the level that served this compile, hits/misses
+    eager_guard: object = None  # eager_guard.GuardResult: compiled vs eager time, and which runs
 
     @property
     def fully_compiled(self) -> bool:
@@ -75,6 +76,8 @@ class CompileReport:
         if self.kernels:
             lines.append(f"kernels ({len(self.kernels)} heavy ops):")
             lines.append(self.kernel_summary())
+        if self.eager_guard is not None:
+            lines.append(f"eager guard: {self.eager_guard}")
         sparse = self.sparse_layers()
         if sparse:
             lines.append(f"sparse layers ({len(sparse)}):")

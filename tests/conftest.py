@@ -18,6 +18,10 @@ os.environ["ORCA_CACHE_DIR"] = tempfile.mkdtemp(prefix="orca-test-cache-")
 # its patch take effect, not a program cached by an earlier test. tests/test_compile_cache.py
 # turns it on for itself.
 os.environ.setdefault("ORCA_COMPILE_CACHE", "off")
+# The eager guard (orca_compiler/eager_guard.py) is off too: tests check the compiled program,
+# which the guard may replace by eager PyTorch on a noisy machine. tests/test_eager_guard.py
+# turns it on.
+os.environ.setdefault("ORCA_EAGER_GUARD", "off")
 
 RTOL = 1e-4
 ATOL = 1e-5
