@@ -170,8 +170,8 @@ _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin
 _POOLS = {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
           aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default, aten.max_pool1d.default,
           aten._adaptive_avg_pool2d.default}
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
-_BATCH_NORMS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
+CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+BATCH_NORMS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
 _SOURCES = {aten.zeros.default, aten.ones.default, aten.full.default, aten.empty.memory_format}
 
 
@@ -455,8 +455,8 @@ _RULES: dict[object, Callable[[fx.Node], OpRules]] = {
     **{t: _moves_dims for t in _REDUCTIONS | _POOLS | {aten.permute.default, aten.transpose.int, aten.t.default,
                                                       aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
                                                       aten.squeeze.default, aten.select.int, aten.expand.default}},
-    **{t: _conv for t in _CONVS},
-    **{t: _batch_norm for t in _BATCH_NORMS},
+    **{t: _conv for t in CONVS},
+    **{t: _batch_norm for t in BATCH_NORMS},
     **{t: (lambda n: OpRules()) for t in _SOURCES},
     aten.slice.Tensor: _slice,
     aten.cat.default: _cat,
@@ -739,7 +739,7 @@ def slot_phrase(slot: Slot, consumer: dict[fx.Node, fx.Node]) -> str | None:
         return None
     layer = _param_path(node, user)
     is_bias = (node.meta.get("orca_source") or "").endswith("bias")
-    if user.target in _CONVS:
+    if user.target in CONVS:
         if user.args[1] is node:
             return f"{'out' if dim == 0 else 'in'}-channels of {layer}"
         return f"bias of {layer}"
@@ -749,8 +749,8 @@ def slot_phrase(slot: Slot, consumer: dict[fx.Node, fx.Node]) -> str | None:
         return f"bias of {layer}"
     if user.target is aten.embedding.default:
         return f"features of {layer}"
-    if user.target in _BATCH_NORMS or user.target is aten.layer_norm.default:
-        return f"{'channels' if user.target in _BATCH_NORMS else 'features'} of {layer_name(user)}"
+    if user.target in BATCH_NORMS or user.target is aten.layer_norm.default:
+        return f"{'channels' if user.target in BATCH_NORMS else 'features'} of {layer_name(user)}"
     if user.target in _rnn_rules():
         params = list(user.args[2])
         position = params.index(node) if node in params else 0

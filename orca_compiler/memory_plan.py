@@ -65,7 +65,7 @@ def is_view(node: fx.Node) -> bool:
     return schema.returns[0].alias_info is not None and not schema.is_mutable
 
 
-def _storage(node: fx.Node) -> tuple[fx.Node, int | None]:
+def storage_of(node: fx.Node) -> tuple[fx.Node, int | None]:
     """The (node, element) whose memory `node`'s value lives in, following views."""
     index = None
     while node.op == "call_function" and is_view(node):
@@ -102,12 +102,12 @@ def liveness(ir: GraphIR) -> list[TensorLife]:
             for index in (range(len(val)) if isinstance(val, (tuple, list)) else [None]):
                 life((node, index))
         for arg in node.all_input_nodes:
-            used = life(_storage(arg))
+            used = life(storage_of(arg))
             used.first = min(used.first, steps[node])
             used.last = max(used.last, steps[node])
     for value in ir.output_values():
         if isinstance(value, fx.Node):
-            used = life(_storage(value))
+            used = life(storage_of(value))
             used.last = end
             used.is_output = True
     return [t for t in lives.values() if t.nbytes > 0 and isinstance(t.node.meta.get("val"), (torch.Tensor, tuple, list))]

@@ -10,12 +10,10 @@ bit for bit.
 """
 from __future__ import annotations
 
-import heapq
-
 import torch.fx as fx
 
 from orca_compiler.ir import GraphIR
-from orca_compiler.memory_plan import _storage, is_view, liveness, plan_activations
+from orca_compiler.memory_plan import storage_of, is_view, liveness, plan_activations
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
 
 
@@ -33,40 +31,34 @@ def greedy_order(ir: GraphIR) -> list[fx.Node]:
     nodes = ir.compute_nodes()
     position = {n: i for i, n in enumerate(nodes)}
     size = _bytes_of(ir)
-    deps = {n: {_storage(a)[0] if a.op == "call_function" else a for a in n.all_input_nodes} & set(nodes) for n in nodes}
-    preds = {n: {a for a in n.all_input_nodes if a in position} for n in nodes}
-    readers: dict[fx.Node, set] = {}
+    # the storages each node reads (a view's reader reads its base) and who reads each storage
+    deps = {n: {storage_of(a)[0] if a.op == "call_function" else a for a in n.all_input_nodes} & position.keys()
+            for n in nodes}
+    unread: dict[fx.Node, set] = {}
     for n in nodes:
         for d in deps[n]:
-            readers.setdefault(d, set()).add(n)
-    remaining = {n: len(preds[n]) for n in nodes}
-    unread = {d: set(r) for d, r in readers.items()}
-    outputs = {_storage(v)[0] for v in ir.output_values() if isinstance(v, fx.Node)}
+            unread.setdefault(d, set()).add(n)
+    waiting = {n: sum(a in position for a in n.all_input_nodes) for n in nodes}
+    outputs = {storage_of(v)[0] for v in ir.output_values() if isinstance(v, fx.Node)}
 
     def cost(n: fx.Node) -> tuple:
         grows = 0 if is_view(n) else size.get(n, 0)
-        frees = sum(size.get(d, 0) for d in deps[n] if unread.get(d) == {n} and d not in outputs)
+        frees = sum(size.get(d, 0) for d in deps[n] if unread[d] == {n} and d not in outputs)
         return (grows - frees, position[n])
 
-    ready = [(cost(n), n.name, n) for n in nodes if remaining[n] == 0]
-    heapq.heapify(ready)
-    order, done = [], set()
-    while ready:
-        _, _, n = heapq.heappop(ready)
-        if n in done:
-            continue
-        done.add(n)
+    ready = [n for n in nodes if waiting[n] == 0]
+    order = []
+    while ready:  # the costs of ready nodes change as their inputs get read: rank them each step
+        n = min(ready, key=cost)
+        ready.remove(n)
         order.append(n)
         for d in deps[n]:
             unread[d].discard(n)
         for user in n.users:
-            if user in remaining:
-                remaining[user] -= 1
-                if remaining[user] == 0:
-                    heapq.heappush(ready, (cost(user), user.name, user))
-        # costs of ready nodes change as inputs get read: re-rank them
-        ready = [(cost(m), m.name, m) for _, _, m in ready if m not in done]
-        heapq.heapify(ready)
+            if user in waiting:
+                waiting[user] -= 1
+                if waiting[user] == 0:
+                    ready.append(user)
     return order
 
 

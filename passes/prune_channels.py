@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from orca_compiler.channel_deps import ChannelDependencies, ChannelGroup, analyze, weight_slots
+from orca_compiler.channel_deps import BATCH_NORMS, CONVS, ChannelDependencies, ChannelGroup, analyze, weight_slots
 from orca_compiler.errors import PassInputError, PipelineError
 from orca_compiler.ir import GraphIR
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
@@ -34,8 +34,6 @@ from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
-_BATCH_NORMS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 _SHAPE_ARG = {aten.view.default: 1, aten.reshape.default: 1, aten._unsafe_view.default: 1, aten.expand.default: 1,
               aten.zeros.default: 0, aten.ones.default: 0, aten.empty.memory_format: 0, aten.full.default: 0}
 
@@ -68,7 +66,7 @@ def _per_index(tensor: torch.Tensor, dim: int, reduce) -> torch.Tensor:
 def _role(node: fx.Node) -> str:
     """'matrix' for conv/linear/embedding/RNN weights, 'gamma' for a norm's scale, else 'other'."""
     for user in node.users:
-        if user.target in _BATCH_NORMS:
+        if user.target in BATCH_NORMS:
             return "gamma" if user.args[1] is node else "other"
     val = node.meta["val"]
     return "matrix" if val.dim() >= 2 and val.dtype.is_floating_point else "other"
@@ -283,7 +281,7 @@ def _rewrite_shape_args(ir: GraphIR, masks: dict) -> None:
             new = _new_sizes(node, old, masks)
             if new != old:
                 node.args = node.args[:i] + (new,) + node.args[i + 1:]
-        elif node.target in _CONVS and len(node.args) > 6 and node.args[6] != 1:
+        elif node.target in CONVS and len(node.args) > 6 and node.args[6] != 1:
             x, weight = node.args[0], node.args[1]
             keep = masks.get((x, None, 1))
             depthwise = node.args[6] == x.meta["val"].shape[1] and weight.meta["val"].shape[1] == 1

@@ -249,21 +249,6 @@ def tune_module(
 # using a database
 
 
-def _json_lines(path: Path) -> tuple[list[Any], bool]:
-    """The JSON values of `path`'s lines; True if a last line cut short (a killed run) was dropped."""
-    text = path.read_text()
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    values = []
-    for i, (n, line) in enumerate(lines):
-        try:
-            values.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1 and not text.endswith("\n"):
-                return values, True
-            raise TuningError(f"tuning database file {path} is corrupt: line {n} is not JSON ({exc.msg})") from None
-    return values, False
-
-
 def _write_lines(path: Path, values: list[Any]) -> None:
     path.write_text("".join(json.dumps(v) + "\n" for v in values))
 
@@ -293,8 +278,8 @@ def load_database(work_dir: str | Path):
     shared = tuning_db.locked(work_dir, exclusive=False) if (Path(work_dir) / tuning_db.TARGET_FILE).is_file() \
         else contextlib.nullcontext()
     with shared:
-        workloads, cut_w = _json_lines(workload_path)
-        records, cut_r = _json_lines(record_path)
+        workloads, cut_w = tuning_db.json_lines(workload_path)
+        records, cut_r = tuning_db.json_lines(record_path)
     if not (cut_w or cut_r):
         source, tmp = (workload_path, record_path), None
     else:

@@ -41,9 +41,6 @@ class TuningError(OrcaError):
     tuning database cannot be used."""
 
 
-TuningDatabaseError = TuningError
-
-
 # ---------------------------------------------------------------------------------------------
 # target keys
 
@@ -95,7 +92,7 @@ def target_dirs(root: str | Path) -> list[tuple[Path, dict]]:
         try:
             found.append((info.parent, json.loads(info.read_text())))
         except (OSError, ValueError) as exc:
-            raise TuningDatabaseError(f"{info} is unreadable: {exc}") from None
+            raise TuningError(f"{info} is unreadable: {exc}") from None
     return found
 
 
@@ -176,23 +173,26 @@ def append_line(path: Path, value: Any) -> None:
         os.close(fd)
 
 
-def read_lines(path: Path) -> list[Any]:
-    """The JSON values of a database file; an unfinished last line is dropped, a bad one raises."""
-    if not path.is_file():
-        return []
+def json_lines(path: Path) -> tuple[list[Any], bool]:
+    """The JSON values of a database file's lines, and whether a last line cut short by a kill
+    (no newline, not JSON) was dropped: the trial in flight is lost, nothing else. Any other bad
+    line raises TuningError."""
     text = path.read_text()
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]  # tail: "" when the file ends with a newline
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     values = []
-    for n, line in enumerate(complete, 1):
-        if not line.strip():
-            continue
+    for i, (n, line) in enumerate(lines):
         try:
             values.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise TuningDatabaseError(f"tuning database file {path} is corrupt: line {n} is not JSON ({exc.msg})") from None
-    del tail  # a line cut short by a kill: the trial in flight is lost, nothing else
-    return values
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                return values, True
+            raise TuningError(f"tuning database file {path} is corrupt: line {n} is not JSON ({exc.msg})") from None
+    return values, False
+
+
+def read_lines(path: Path) -> list[Any]:
+    """The JSON values of a database file ([] if there is none); see `json_lines`."""
+    return json_lines(path)[0] if path.is_file() else []
 
 
 @dataclass
@@ -259,16 +259,16 @@ def merge(sources: list[str | Path], output: str | Path) -> dict[str, int]:
     for source in sources:
         source = Path(source)
         if not source.is_dir():
-            raise TuningDatabaseError(f"no tuning database at {source}")
+            raise TuningError(f"no tuning database at {source}")
         if is_flat(source):
-            raise TuningDatabaseError(
+            raise TuningError(
                 f"{source} is a plain meta_schedule work_dir without a target: only target-aware "
                 "databases (written by orca tune) can be merged")
         for folder, info in target_dirs(source):
             key = folder.name
             entry = merged.setdefault(key, (info, RawDatabase()))
             if entry[0].get("target") != info.get("target"):
-                raise TuningDatabaseError(f"{folder}/{TARGET_FILE} differs from another database's {key}")
+                raise TuningError(f"{folder}/{TARGET_FILE} differs from another database's {key}")
             merge_into(entry[1], RawDatabase.read(folder))
     output = Path(output)
     counts = {}
@@ -425,7 +425,7 @@ def show(root: str | Path) -> str:
     """A text summary of a database root: targets, workloads, records, best latency per workload."""
     root = Path(root)
     if not root.is_dir():
-        raise TuningDatabaseError(f"no tuning database at {root}")
+        raise TuningError(f"no tuning database at {root}")
     folders = [(root, {"key": "(plain work_dir, no target)"})] if is_flat(root) else target_dirs(root)
     if not folders:
         return f"{root}: no target folders (nothing tuned yet)"
