@@ -56,7 +56,12 @@ class CompileReport:
         """One sentence per layer with a sparse weight (prune-magnitude, prune-nm): which kernel
         runs it and what the sparsity bought. No silent slow path: where a dense kernel won, it says
         the sparsity saved memory (the stored weight) but not time."""
-        return [_sparse_sentence(k) for k in self.kernels if getattr(k, "layout", "")]
+        return [_sparse_sentence(k) for k in self.kernels if getattr(k, "layout", "") in ("sparse", "dense")]
+
+    def quantized_layers(self) -> list[str]:
+        """One sentence per quantized layer (the quantize pass): whether its integer kernel runs,
+        or a float32 kernel on the dequantized weight because that measured faster here."""
+        return [_quant_sentence(k) for k in self.kernels if getattr(k, "layout", "") in ("integer", "float32")]
 
     def __str__(self) -> str:
         lines = [f"orca compile report: pipeline '{self.pipeline or '(none)'}', target {self.target}"]
@@ -82,6 +87,10 @@ class CompileReport:
         if sparse:
             lines.append(f"sparse layers ({len(sparse)}):")
             lines.extend(f"  - {line}" for line in sparse)
+        quantized = self.quantized_layers()
+        if quantized:
+            lines.append(f"quantized layers ({len(quantized)}):")
+            lines.extend(f"  - {line}" for line in quantized)
         if self.cache is not None:
             lines.append(str(self.cache))
         if self.seconds:
@@ -118,3 +127,19 @@ def _sparse_sentence(choice) -> str:
         return (f"{head} (sparse kernel, though alone slower: {versus}): the sparsity saved memory; "
                 "time only in the program as a whole")
     return f"{head} (sparse kernel won: {versus}): the sparsity saved memory and time"
+
+
+def _quant_sentence(choice) -> str:
+    """`%node -> kernel (...)` for one KernelChoice of a quantized op: integer or float32, and why."""
+    head = f"%{choice.node} ({choice.op}) -> {choice.choice}"
+    integer = choice.times_us.get("tvm")
+    floats = {k: v for k, v in choice.times_us.items() if k != "tvm"}
+    best_float = min(floats, key=floats.get) if floats else None
+    versus = (f"integer {integer:.1f}us vs float32 {best_float} {floats[best_float]:.1f}us"
+              if integer is not None and best_float else "")
+    if choice.layout == "integer":
+        out = "; ".join(f"{k} out: {reason}" for k, reason in choice.rejected.items())
+        return f"{head} (integer kernel{': ' + versus if versus else ''}{'; ' + out if out else ''}, {choice.how})"
+    reason = versus or choice.rejected.get("tvm", "") or choice.how
+    return (f"{head} (kept float32 on the dequantized weight: the integer kernel was slower here; {reason}, "
+            f"{choice.how}): the quantization saved the stored weight's memory, not time")

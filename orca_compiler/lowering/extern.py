@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..ops import fused
+from ..ops import quant as quant_ops
 from ..ops import rnn as rnn_ops
 from ..ops import sparse as sparse_ops
 from ..ops.pointwise import POINTWISE, arguments
@@ -81,7 +82,7 @@ def _contiguous(result):
     return tuple(_contiguous(r) for r in result)
 
 
-_EAGER = {**fused.EAGER, **sparse_ops.EAGER}
+_EAGER = {**fused.EAGER, **sparse_ops.EAGER, **quant_ops.EAGER}
 
 
 def _make_generic(node, args, kwargs):
@@ -167,6 +168,33 @@ def _densified(make_linear: Callable) -> Callable:
     return make
 
 
+def _quantized_linear_fits(node: fx.Node) -> bool:
+    """A weight-only or dynamic quantized linear a float32 kernel can run on its dequantized
+    weight: the input computed at run time, float32 on CPU, the weights and bias constant."""
+    x, bias = node.args[0], node.args[3]
+    constants = [*node.args[1:3]] + ([] if bias is None else [bias])
+    if not isinstance(x, fx.Node) or x.op == "get_attr":
+        return False
+    if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in constants):
+        return False
+    return _val(x).dtype == torch.float32 and _val(x).device.type == "cpu"
+
+
+def _dequantized(make_linear: Callable) -> Callable:
+    """A float32 linear kernel's maker taking a weight-only or dynamic quantized linear: the
+    weight is dequantized once, when the kernel is bound (the program then holds it in float32)."""
+    def make(node, args, kwargs):
+        if node.target is quant_ops.LINEAR_WQ:
+            x, qweight, scales, bias, bits, _group = args
+            weight = quant_ops.dequantize_weight(qweight, scales, bits, _val(node.args[0]).shape[-1])
+        else:
+            x, qweight, wscale, bias = args
+            weight = qweight.float() * wscale[:, None]
+        return make_linear(node, (x, weight, bias), {})
+
+    return make
+
+
 def _onednn_post_op(activation: str, act_args) -> tuple[str, list, str] | None:
     """oneDNN's post-op `(attr, scalars, algorithm)` for an activation; None if it has none."""
     if activation == fused.NO_ACTIVATION:
@@ -197,6 +225,8 @@ def _mkldnn_applies(node: fx.Node) -> bool:
         return _linear_with_constant_weight(node)
     if node.target is sparse_ops.SPARSE_LINEAR:
         return _sparse_linear_with_constant_weight(node)
+    if node.target in _DEQUANTIZABLE:
+        return _quantized_linear_fits(node)
     return _epilogue_fits_mkldnn(node)
 
 
@@ -274,13 +304,19 @@ FUSED_HEAVY_OPS = frozenset({fused.CONV_EPILOGUE, fused.LINEAR_EPILOGUE, fused.A
 # the other candidates are dense kernels on the re-densified weight (see `kernel_layout`).
 SPARSE_HEAVY_OPS = sparse_ops.SPARSE_OPS
 
+# Quantized ops (ops/quant.py): "tvm" is the integer kernel, "torch" the op's eager code, and for
+# weight-only and dynamic linears the float32 kernels run on the dequantized weight.
+QUANT_HEAVY_OPS = quant_ops.HEAVY
+_DEQUANTIZABLE = frozenset({quant_ops.LINEAR_WQ, quant_ops.LINEAR_DQ})
+
 # torch's own kernel for every heavy op: the eager baseline, always a candidate.
-TORCH = ExternImpl("torch", HEAVY_OPS | FUSED_HEAVY_OPS | SPARSE_HEAVY_OPS, _make_generic)
+TORCH = ExternImpl("torch", HEAVY_OPS | FUSED_HEAVY_OPS | SPARSE_HEAVY_OPS | QUANT_HEAVY_OPS, _make_generic)
 _MKLDNN_MAKERS = {
     aten.linear.default: _make_mkldnn_linear,
     sparse_ops.SPARSE_LINEAR: _densified(_make_mkldnn_linear),
     fused.CONV_EPILOGUE: _make_mkldnn_conv_epilogue,
     fused.LINEAR_EPILOGUE: _make_mkldnn_linear_epilogue,
+    **{op: _dequantized(_make_mkldnn_linear) for op in _DEQUANTIZABLE},
 }
 MKLDNN = ExternImpl("mkldnn", frozenset(_MKLDNN_MAKERS), lambda node, *rest: _MKLDNN_MAKERS[node.target](node, *rest),
                     applies=lambda n: _mkldnn_applies(n) and torch.backends.mkldnn.is_available())
@@ -316,7 +352,11 @@ SPARSE_KERNELS = frozenset({"torch"})
 
 def kernel_layout(op: str, choice: str) -> str:
     """For an op with a sparse weight (by printed name, e.g. "orca.sparse_linear"): "sparse" if
-    kernel `choice` runs on the sparse weight, "dense" if on the re-densified one; "" for other ops."""
+    kernel `choice` runs on the sparse weight, "dense" if on the re-densified one. For a quantized
+    op: "integer" if the chosen kernel computes on the integer weights (our TVM kernel), "float32"
+    if it runs on dequantized ones. "" for other ops."""
+    if op in quant_ops.QUANT_OP_NAMES:
+        return "integer" if choice == "tvm" else "float32"
     if op not in sparse_ops.SPARSE_OP_NAMES:
         return ""
     return "sparse" if choice in SPARSE_KERNELS else "dense"
@@ -342,7 +382,7 @@ def bind_extern(node: fx.Node, gm: fx.GraphModule, impl: ExternImpl) -> ExternCa
 
     The registration is removed when the returned ExternCall is garbage collected.
     """
-    import tvm
+    import tvm_ffi  # not tvm: loading a cached program binds these without importing all of tvm
 
     activations: list[fx.Node] = []
 
@@ -361,7 +401,7 @@ def bind_extern(node: fx.Node, gm: fx.GraphModule, impl: ExternImpl) -> ExternCa
         return fn(*(torch.from_dlpack(t) for t in tvm_tensors))
 
     name = f"orca.extern.{impl.name}.{node.name}.{next(_counter)}"
-    tvm.register_global_func(name, packed, override=True)
+    tvm_ffi.register_global_func(name, packed, override=True)
     call = ExternCall(name, [a.name for a in activations], fn, impl.name)
     call._finalizer = weakref.finalize(call, _unregister, name)
     return call

@@ -259,15 +259,21 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
                 keep_alive.append(call)
                 externs = {copy.name: call}
             try:
-                func = import_relax(probe, externs)["main"]
+                imported = import_relax(probe, externs)
             except LoweringError as exc:
                 rejected[key][name] = str(exc)
                 continue
             symbol = f"k{index}_{name}"
-            functions[(key, name)] = (symbol, func.with_attr("global_symbol", symbol))
+            # Converters that emit their own kernels (call_tir) add PrimFuncs beside "main"; their
+            # names are unique per process (see quant_kernels.kernel_name), so they can share a module.
+            helpers = {gv: imported[gv] for gv in imported.get_global_vars() if gv.name_hint != "main"}
+            functions[(key, name)] = (symbol, imported["main"].with_attr("global_symbol", symbol), helpers)
 
     def build(selected):
-        module = tvm.IRModule({symbol: func for symbol, func in selected.values()})
+        module = tvm.IRModule({symbol: func for symbol, func, _ in selected.values()})
+        for _, _, helpers in selected.values():
+            for gv, func in helpers.items():
+                module[gv] = func
         return relax.VirtualMachine(compile_relax(module, target, database), target.device())
 
     try:
@@ -285,7 +291,7 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
     for key in nodes:
         args = inputs[key]
         runners, firsts, outputs = {}, {}, {}
-        for (k, name), (symbol, _) in functions.items():
+        for (k, name), (symbol, _, _) in functions.items():
             if k != key:
                 continue
             fn = vm[symbol]

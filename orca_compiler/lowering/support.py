@@ -28,7 +28,7 @@ _CUSTOM_CONVERTERS: dict[torch._ops.OpOverload, Callable] = {}
 
 
 # Modules of this package whose import registers converters for our own ops (orca_compiler.ops).
-_CONVERTER_MODULES = ("rnn_kernels", "fused_kernels", "sparse_kernels")
+_CONVERTER_MODULES = ("rnn_kernels", "fused_kernels", "sparse_kernels", "quant_kernels")
 
 
 @functools.lru_cache(maxsize=1)

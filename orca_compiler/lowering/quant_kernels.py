@@ -1,0 +1,298 @@
+"""TVM kernels of the quantized ops (ops/quant.py): integer weights stay integers in the program.
+
+Each converter emits TE computes (`emit_te`), which our CPU schedule rules (cpu_schedules.py) then
+schedule like any matmul: the weight is stored transposed (`[K, N]`, int8, or uint8 with two int4
+values a byte) so that a vector of output columns reads a unit-stride vector of weights, and the
+dequantization happens in registers inside the reduction (int8 -> float32 convert, or for int4 a
+shift and mask first), never as a materialized float32 weight. So a weight-only int8 linear reads
+a quarter of the bytes a float32 one does, which is what pays at batch 1, where a linear is a
+matrix-vector product bound by the weight's memory traffic.
+
+- weight-only (`linear_wq`): float32 activations x dequantized weights, float32 accumulate; a
+  per-channel scale is applied once in the epilogue, a per-group one inside the reduction.
+- dynamic (`linear_dq`): one function quantizes each row of x (absmax / 127), a second multiplies
+  int8 x int8 into int32 and scales back in its epilogue.
+- static (`linear_q`, `conv2d_q`, `quantize`, `dequantize`): int8 x int8 -> int32 with the
+  requantize (or dequantize) epilogue fused; the conv is Relax's conv2d with `out_dtype=int32`.
+
+On CUDA the same TE computes go through TVM's default GPU pipeline (dlight's rules). Imported
+lazily by support.py, which registers the converters.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..errors import LoweringError
+from ..ops import quant
+from .support import register_converter
+
+
+_kernel_ids = itertools.count()
+
+
+def kernel_name(base: str) -> str:
+    """A PrimFunc name unique in this process: the kernel selection puts the kernels of many
+    separately imported probes into one module, where names must not clash."""
+    return f"{base}_{next(_kernel_ids)}"
+
+
+def _const(importer, node: fx.Node, what: str) -> torch.Tensor:
+    try:
+        return importer.weights[node.name]
+    except (KeyError, AttributeError):
+        raise LoweringError(f"the {what} of a quantized op must be a constant weight (got %{node.name})") from None
+
+
+def _flatten_rows(importer, x):
+    """x `[..., K]` -> (`[M, K]`, the leading dims) in Relax."""
+    from tvm import relax as rx
+
+    shape = list(importer.shape_of(x))
+    lead = shape[:-1]
+    rows = functools.reduce(operator.mul, lead, 1)
+    flat = x if len(shape) == 2 else importer.block_builder.emit(rx.op.reshape(x, [rows, shape[-1]]))
+    return flat, lead
+
+
+def _restore_rows(importer, out, lead, n: int):
+    from tvm import relax as rx
+
+    if len(lead) == 1:
+        return out
+    return importer.block_builder.emit(rx.op.reshape(out, [*lead, n]))
+
+
+def _weight_value(w, bits: int):
+    """The float32 value of weight element (k, j) of a transposed `[K(/2), N]` weight buffer."""
+    from tvm import tirx
+
+    if bits == 8:
+        return lambda k, j: w[k, j].astype("float32")
+
+    def int4(k, j):
+        byte = w[k // 2, j].astype("int32")
+        nibble = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), tirx.const(15, "int32"))
+        return (nibble - quant.INT4_OFFSET).astype("float32")
+
+    return int4
+
+
+def _linear_wq_te(x, w, scales, *rest, bits: int, group: int, cols: int):
+    from tvm import te
+
+    bias = rest[0] if rest else None
+    rows, n = x.shape[0], w.shape[1]
+    k = te.reduce_axis((0, cols), "k")
+    value = _weight_value(w, bits)
+    per_channel = scales.shape[0] == 1
+    if per_channel:
+        acc = te.compute((rows, n), lambda i, j: te.sum(x[i, k] * value(k, j), axis=k), name="acc")
+        scaled = lambda i, j: acc[i, j] * scales[0, j]  # noqa: E731
+    else:
+        acc = te.compute((rows, n), lambda i, j: te.sum(x[i, k] * (value(k, j) * scales[k // group, j]), axis=k),
+                         name="acc")
+        scaled = lambda i, j: acc[i, j]  # noqa: E731
+    if bias is None:
+        return te.compute((rows, n), scaled, name="out")
+    return te.compute((rows, n), lambda i, j: scaled(i, j) + bias[j], name="out")
+
+
+def convert_linear_wq(node: fx.Node, importer):
+    """orca.linear_wq -> a dequantize-in-registers matmul on the transposed integer weight."""
+    from tvm import relax as rx
+
+    x, qweight, scales, bias, bits, group = node.args
+    weight = _const(importer, qweight, "weight").t().contiguous()
+    scale = _const(importer, scales, "scale").t().contiguous()
+    flat, lead = _flatten_rows(importer, importer.env[x])
+    cols = x.meta["val"].shape[-1]
+    operands = [flat, rx.const(weight.numpy()), rx.const(scale.numpy())]
+    if bias is not None:
+        operands.append(importer.env[bias])
+    out = importer.block_builder.emit_te(functools.partial(_linear_wq_te, bits=bits, group=group, cols=cols),
+                                         *operands, primfunc_name_hint=kernel_name("orca_linear_wq"))
+    return _restore_rows(importer, out, lead, weight.shape[1])
+
+
+def _embedding_wq_te(w, scales, indices, *, bits: int, cols: int):
+    from tvm import te, tirx
+
+    shape = list(indices.shape)
+
+    def value(*index):
+        *idx, d = index
+        row = indices[tuple(idx)].astype("int64")
+        if bits == 8:
+            q = w[row, d].astype("float32")
+        else:
+            byte = w[row, d // 2].astype("int32")
+            nibble = tirx.bitwise_and(tirx.shift_right(byte, (d % 2) * 4), tirx.const(15, "int32"))
+            q = (nibble - quant.INT4_OFFSET).astype("float32")
+        return q * scales[row, 0]
+
+    return te.compute((*shape, cols), value, name="embedding")
+
+
+def convert_embedding_wq(node: fx.Node, importer):
+    """orca.embedding_wq -> gather and dequantize in one kernel."""
+    from tvm import relax as rx
+
+    qweight, scales, indices, bits = node.args
+    weight = _const(importer, qweight, "table")
+    cols = node.meta["val"].shape[-1]
+    operands = [rx.const(weight.numpy()), rx.const(_const(importer, scales, "scale").numpy()), importer.env[indices]]
+    return importer.block_builder.emit_te(functools.partial(_embedding_wq_te, bits=bits, cols=cols), *operands,
+                                          primfunc_name_hint=kernel_name("orca_embedding_wq"))
+
+
+def _quantize_rows_te(x):
+    from tvm import te, tirx
+
+    rows, cols = x.shape
+    k = te.reduce_axis((0, cols), "k")
+    amax = te.compute((rows,), lambda i: te.max(te.abs(x[i, k]), axis=k), name="amax")
+    scale = te.compute((rows,), lambda i: te.max(amax[i], tirx.const(1e-12, "float32")) / float(quant.INT8_MAX),
+                       name="scale")
+    q = te.compute((rows, cols), lambda i, c: _round_int8(x[i, c] / scale[i]), name="xq")
+    return q, scale
+
+
+def _round_int8(value):
+    from tvm import te, tirx
+
+    top = tirx.const(float(quant.INT8_MAX), "float32")
+    return te.min(te.max(te.round(value), -top), top).astype("int8")
+
+
+def _int8_matmul_te(xq, w, *operands, x_scale=None, per_row_scale: bool, has_bias: bool, out_scale: float,
+                    activation: str):
+    """int8 `[M, K]` x int8 `[K, N]` -> int32, then `acc * x_scale * wscale[n] (+ bias)`, the
+    activation, and a requantize to int8 when `out_scale > 0`."""
+    from tvm import te
+
+    operands = list(operands)
+    row_scale = operands.pop(0) if per_row_scale else None
+    wscale = operands.pop(0)
+    bias = operands.pop(0) if has_bias else None
+    rows, cols = xq.shape
+    n = w.shape[1]
+    k = te.reduce_axis((0, cols), "k")
+    acc = te.compute((rows, n), lambda i, j: te.sum(xq[i, k].astype("int32") * w[k, j].astype("int32"), axis=k),
+                     name="acc")
+
+    def epilogue(i, j):
+        value = acc[i, j].astype("float32") * wscale[j]
+        value = value * (row_scale[i] if per_row_scale else float(x_scale))
+        if bias is not None:
+            value = value + bias[j]
+        if activation == "relu":
+            value = te.max(value, 0.0)
+        return _round_int8(value / float(out_scale)) if out_scale > 0 else value
+
+    return te.compute((rows, n), epilogue, name="out")
+
+
+def _int8_weight(importer, qweight: fx.Node):
+    from tvm import relax as rx
+
+    weight = _const(importer, qweight, "weight")
+    return rx.const(weight.t().contiguous().numpy()), weight.shape[0]
+
+
+def convert_linear_dq(node: fx.Node, importer):
+    """orca.linear_dq -> quantize the rows of x, then the int8 matmul with its float epilogue."""
+    from tvm import relax as rx
+
+    x, qweight, wscale, bias = node.args
+    bb = importer.block_builder
+    flat, lead = _flatten_rows(importer, importer.env[x])
+    weight, n = _int8_weight(importer, qweight)
+    q = bb.emit_te(_quantize_rows_te, flat, primfunc_name_hint=kernel_name("orca_quantize_rows"))
+    operands = [bb.emit(rx.TupleGetItem(q, 0)), weight, bb.emit(rx.TupleGetItem(q, 1)),
+                rx.const(_const(importer, wscale, "scale").numpy())]
+    if bias is not None:
+        operands.append(importer.env[bias])
+    out = bb.emit_te(functools.partial(_int8_matmul_te, per_row_scale=True, has_bias=bias is not None, out_scale=0.0,
+                                       activation="none"), *operands, primfunc_name_hint=kernel_name("orca_linear_dq"))
+    return _restore_rows(importer, out, lead, n)
+
+
+def convert_linear_q(node: fx.Node, importer):
+    """orca.linear_q -> the int8 matmul with its dequantize or requantize epilogue."""
+    from tvm import relax as rx
+
+    xq, x_scale, qweight, wscale, bias, out_scale, activation = node.args
+    flat, lead = _flatten_rows(importer, importer.env[xq])
+    weight, n = _int8_weight(importer, qweight)
+    operands = [flat, weight, rx.const(_const(importer, wscale, "scale").numpy())]
+    if bias is not None:
+        operands.append(importer.env[bias])
+    out = importer.block_builder.emit_te(
+        functools.partial(_int8_matmul_te, x_scale=x_scale, per_row_scale=False, has_bias=bias is not None,
+                          out_scale=out_scale, activation=activation), *operands, primfunc_name_hint=kernel_name("orca_linear_q"))
+    return _restore_rows(importer, out, lead, n)
+
+
+def _conv_epilogue_te(acc, wscale, *rest, x_scale: float, out_scale: float, activation: str):
+    from tvm import te
+
+    bias = rest[0] if rest else None
+
+    def epilogue(b, c, h, w):
+        value = acc[b, c, h, w].astype("float32") * (wscale[c] * float(x_scale))
+        if bias is not None:
+            value = value + bias[c]
+        if activation == "relu":
+            value = te.max(value, 0.0)
+        return _round_int8(value / float(out_scale)) if out_scale > 0 else value
+
+    return te.compute(acc.shape, epilogue, name="out")
+
+
+def convert_conv2d_q(node: fx.Node, importer):
+    """orca.conv2d_q -> Relax's conv2d on int8 with int32 output, and the epilogue (fused by
+    TVM's FuseOps into the conv's kernel)."""
+    from tvm import relax as rx
+
+    xq, x_scale, qweight, wscale, bias, stride, padding, dilation, groups, out_scale, activation = node.args
+    bb = importer.block_builder
+    weight = rx.const(_const(importer, qweight, "weight").numpy())
+    acc = bb.emit(rx.op.nn.conv2d(importer.env[xq], weight, strides=stride, padding=padding, dilation=dilation,
+                                  groups=groups, out_dtype="int32"))
+    operands = [acc, rx.const(_const(importer, wscale, "scale").numpy())]
+    if bias is not None:
+        operands.append(importer.env[bias])
+    return bb.emit_te(functools.partial(_conv_epilogue_te, x_scale=x_scale, out_scale=out_scale,
+                                        activation=activation), *operands, primfunc_name_hint=kernel_name("orca_conv2d_q_epilogue"))
+
+
+def convert_quantize(node: fx.Node, importer):
+    from tvm import te
+
+    x, scale = node.args
+    return importer.block_builder.emit_te(
+        lambda t: te.compute(t.shape, lambda *i: _round_int8(t(*i) / float(scale)), name="q"), importer.env[x],
+        primfunc_name_hint=kernel_name("orca_quantize"))
+
+
+def convert_dequantize(node: fx.Node, importer):
+    from tvm import te
+
+    q, scale = node.args
+    return importer.block_builder.emit_te(
+        lambda t: te.compute(t.shape, lambda *i: t(*i).astype("float32") * float(scale), name="dq"), importer.env[q],
+        primfunc_name_hint=kernel_name("orca_dequantize"))
+
+
+register_converter(quant.LINEAR_WQ, convert_linear_wq)
+register_converter(quant.EMBEDDING_WQ, convert_embedding_wq)
+register_converter(quant.LINEAR_DQ, convert_linear_dq)
+register_converter(quant.LINEAR_Q, convert_linear_q)
+register_converter(quant.CONV2D_Q, convert_conv2d_q)
+register_converter(quant.QUANTIZE, convert_quantize)
+register_converter(quant.DEQUANTIZE, convert_dequantize)
