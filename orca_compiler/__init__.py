@@ -17,6 +17,7 @@ from .ir import GraphIR
 from .pass_base import Pass, PassContext, PassResult, register_pass, registered_passes
 from .pipeline import NAMED_PIPELINES, format_pipeline, parse_pipeline
 from .runtime import CompiledModule
+from .sensitivity import LayerSensitivity, quantize_sensitivity
 from .serialize import LoadError, load
 from .transform import TransformedModule, TransformReport, prune
 from .tune import TuneReport, tune
@@ -35,4 +36,5 @@ __all__ = [
     "registered_passes", "parse_pipeline", "format_pipeline", "NAMED_PIPELINES", "zoo",
     "OrcaError", "CaptureError", "PipelineError", "PassError", "VerificationError",
     "UnsupportedOpError", "LoweringError", "TargetError", "InputMismatchError", "load", "LoadError",
+    "quantize_sensitivity", "LayerSensitivity",
 ]

@@ -101,6 +101,18 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _cmd_quantize_sensitivity(args) -> int:
+    from .sensitivity import quantize_sensitivity
+
+    model, inputs = load_model(args.model)
+    results = quantize_sensitivity(model, inputs, args.quantize, pipeline=args.pipeline)
+    print(f"output error with only that layer quantized ({args.quantize}, after {args.pipeline}), worst first:")
+    print(f"{'rel. error':>10}  {'kind':<9}  layer")
+    for result in results:
+        print(result)
+    return 0
+
+
 def _cmd_memory(args) -> int:
     from .capture import capture
     from .lowering.support import keep_op_in_capture
@@ -212,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="prune-channels{ratio=0.5}",
                    help="passes that change the model (default: prune-channels{ratio=0.5})")
     p.set_defaults(fn=_cmd_prune)
+
+    p = sub.add_parser("quantize-sensitivity", help="per layer, the output error when only that layer is "
+                                                    "quantized, worst first (what to skip)")
+    p.add_argument("model", help="zoo name, or path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("--quantize", default="quantize{mode=weight-only,dtype=int8}",
+                   help="the quantize pass spec (default: quantize{mode=weight-only,dtype=int8})")
+    p.add_argument("--pipeline", default="O1", help="passes before it (default: O1)")
+    p.set_defaults(fn=_cmd_quantize_sensitivity)
 
     p = sub.add_parser("memory", help="liveness and the activation memory plan of a model after a pipeline: "
                                       "bytes resident, activation peak with and without buffer reuse")

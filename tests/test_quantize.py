@@ -168,3 +168,20 @@ def test_int4_needs_weight_only():
 def test_a_skip_name_that_does_not_exist_is_named_with_near_matches():
     with pytest.raises(PassError, match=r"'net\.9'.*net\.[024]"):
         oc.prune(*zoo.get("mlp"), "quantize{skip=net.9}")
+
+
+# -- sensitivity -------------------------------------------------------------------------------------
+
+def test_sensitivity_ranks_layers_and_skipping_the_worst_helps():
+    model, inputs = zoo.get("mlp")
+    spec = "quantize{mode=weight-only,dtype=int4}"
+    ranking = oc.quantize_sensitivity(model, inputs, spec)
+    assert [r.kind for r in ranking] == ["linear"] * 3
+    assert sorted({r.layer for r in ranking}) == ["net.0", "net.2", "net.4"]
+    errors = [r.error for r in ranking]
+    assert errors == sorted(errors, reverse=True) and errors[-1] > 0
+    expected = _first(model(*inputs))
+    everything, _ = oc.prune(model, inputs, f"O1,{spec}")
+    all_but_worst, _ = oc.prune(model, inputs, f"O1,quantize{{mode=weight-only,dtype=int4,skip={ranking[0].layer}}}")
+    assert (_relative_error(_first(all_but_worst(*inputs)), expected)
+            < _relative_error(_first(everything(*inputs)), expected))

@@ -1,0 +1,115 @@
+"""Quantized models against float32: latency side by side, output error, and weight bytes.
+
+    python tools/bench_quant.py                      # mlp and transformer at batch 1
+    python tools/bench_quant.py --models mlp --batch 8 --repeats 50
+
+For each model: eager float32, torch.compile, onnxruntime (float32), PyTorch's own dynamic int8
+(`torch.ao.quantization.quantize_dynamic`, eager), and orca at O2 in float32 and with each
+quantize mode. All timed interleaved in one process (orca_compiler.timing.time_interleaved), median
+of the repeats; ratios are against eager float32 from the same run. Error is the relative L2 error
+of the outputs against eager float32. The eager guard is off, so the compiled programs themselves
+are timed. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("ORCA_EAGER_GUARD", "off")
+
+import torch  # noqa: E402
+
+import orca_compiler as oc  # noqa: E402
+from orca_compiler import zoo  # noqa: E402
+from orca_compiler.bench import _onnxruntime_runner, _torch_compile_runner  # noqa: E402
+from orca_compiler.timing import time_interleaved  # noqa: E402
+
+VARIANTS = {
+    "orca fp32": "O2",
+    "orca int8 weight-only": "O2,quantize{mode=weight-only,dtype=int8}",
+    "orca int4 weight-only (group 128)": "O2,quantize{mode=weight-only,dtype=int4,granularity=per-group,group=128}",
+    "orca int8 dynamic": "O2,quantize{mode=dynamic}",
+}
+
+
+def _first(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _error(out, reference) -> float:
+    out, reference = _first(out).float(), _first(reference).float()
+    return float((out - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def _weight_bytes(compiled) -> int:
+    passes = compiled.report.passes
+    return passes[-1].weight_bytes_after if passes else 0
+
+
+def bench_model(name: str, batch: int, repeats: int, variants: dict) -> list[dict]:
+    model, inputs = zoo.get(name, batch_size=batch)
+    with torch.no_grad():
+        reference = model(*inputs)
+    float_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    rows = {"eager fp32": {"bytes": float_bytes, "error": 0.0}}
+    runners = {"eager fp32": lambda: model(*inputs)}
+    peers = {"torch.compile": _torch_compile_runner, "onnxruntime fp32": _onnxruntime_runner}
+    for label, build in peers.items():
+        try:
+            runner = build(model, inputs)
+            runners[label] = runner
+            rows[label] = {"bytes": float_bytes, "error": _error(torch.as_tensor(_first(runner())) if label.startswith("onnx")
+                                                                else runner(), reference)}
+        except Exception as exc:  # a missing or failing peer is a row, not a crash
+            rows[label] = {"failed": f"{type(exc).__name__}: {str(exc)[:80]}"}
+    label = "torch dynamic int8 (eager)"
+    try:
+        torch_q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        with torch.no_grad():
+            rows[label] = {"bytes": None, "error": _error(torch_q(*inputs), reference)}
+        runners[label] = lambda: torch_q(*inputs)
+    except Exception as exc:  # nn.TransformerEncoderLayer's fast path rejects its packed weights
+        rows[label] = {"failed": f"{type(exc).__name__}: {str(exc)[:80]}"}
+    for label, pipeline in variants.items():
+        t0 = time.perf_counter()
+        compiled = oc.compile(model, inputs, pipeline=pipeline)
+        rows[label] = {"bytes": _weight_bytes(compiled), "error": _error(compiled(*inputs), reference),
+                       "compile_s": time.perf_counter() - t0,
+                       "kernels": sorted({k.layout for k in compiled.report.kernels if k.layout})}
+        runners[label] = (lambda c: lambda: c(*inputs))(compiled)
+    times = time_interleaved(runners, repeats=repeats, warmup=3)
+    for label, seconds in times.items():
+        rows[label]["ms"] = seconds * 1e3
+        rows[label]["vs_eager"] = times["eager fp32"] / seconds
+    return [{"model": name, "batch": batch, "backend": label, **row} for label, row in rows.items()]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | batch | backend | ms (median) | vs eager fp32 | rel. error | weight bytes | kernels |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | failed: {r['failed']} | | | | |")
+            continue
+        size = f"{r['bytes']:,}" if r.get("bytes") else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | {r['ms']:.3f} | {r['vs_eager']:.2f}x | "
+                     f"{r['error']:.2e} | {size} | {', '.join(r.get('kernels', [])) or '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=40)
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.batch, args.repeats, VARIANTS)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
