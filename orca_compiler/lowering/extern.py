@@ -172,7 +172,8 @@ def _quantized_linear_fits(node: fx.Node) -> bool:
     """A weight-only or dynamic quantized linear a float32 kernel can run on its dequantized
     weight: the input computed at run time, float32 on CPU, the weights and bias constant."""
     x, bias = node.args[0], node.args[3]
-    constants = [*node.args[1:3]] + ([] if bias is None else [bias])
+    extra = [a for a in node.args[4:5] if isinstance(a, fx.Node)]  # linear_dq's smoothing factor
+    constants = [*node.args[1:3]] + ([] if bias is None else [bias]) + extra
     if not isinstance(x, fx.Node) or x.op == "get_attr":
         return False
     if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in constants):
@@ -188,8 +189,10 @@ def _dequantized(make_linear: Callable) -> Callable:
             x, qweight, scales, bias, bits, _group = args
             weight = quant_ops.dequantize_weight(qweight, scales, bits, _val(node.args[0]).shape[-1])
         else:
-            x, qweight, wscale, bias = args
+            x, qweight, wscale, bias, *smooth = args
             weight = qweight.float() * wscale[:, None]
+            if smooth and smooth[0] is not None:  # the weight's columns were divided by it
+                weight = weight * smooth[0]
         return make_linear(node, (x, weight, bias), {})
 
     return make

@@ -67,36 +67,40 @@ def _restore_rows(importer, out, lead, n: int):
     return importer.block_builder.emit(rx.op.reshape(out, [*lead, n]))
 
 
-def _weight_value(w, bits: int):
-    """The float32 value of weight element (k, j) of a transposed `[K(/2), N]` weight buffer."""
+def _int4_pair(w):
+    """(low, high) float32 values of byte (k2, j) of a packed int4 `[K/2, N]` weight: columns
+    2*k2 and 2*k2 + 1, each a constant shift and mask (so a vector of bytes unpacks in registers)."""
     from tvm import tirx
 
-    if bits == 8:
-        return lambda k, j: w[k, j].astype("float32")
+    def nibble(k2, j, shift):
+        byte = w[k2, j].astype("int32")
+        return (tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "int32")) - quant.INT4_OFFSET).astype(
+            "float32")
 
-    def int4(k, j):
-        byte = w[k // 2, j].astype("int32")
-        nibble = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), tirx.const(15, "int32"))
-        return (nibble - quant.INT4_OFFSET).astype("float32")
-
-    return int4
+    return (lambda k2, j: nibble(k2, j, 0)), (lambda k2, j: nibble(k2, j, 4))
 
 
 def _linear_wq_te(x, w, scales, *rest, bits: int, group: int, cols: int):
+    """x `[M, K]` (K even for int4) x the transposed quantized weight -> `[M, N]` float32."""
     from tvm import te
 
     bias = rest[0] if rest else None
     rows, n = x.shape[0], w.shape[1]
-    k = te.reduce_axis((0, cols), "k")
-    value = _weight_value(w, bits)
     per_channel = scales.shape[0] == 1
-    if per_channel:
-        acc = te.compute((rows, n), lambda i, j: te.sum(x[i, k] * value(k, j), axis=k), name="acc")
-        scaled = lambda i, j: acc[i, j] * scales[0, j]  # noqa: E731
-    else:
-        acc = te.compute((rows, n), lambda i, j: te.sum(x[i, k] * (value(k, j) * scales[k // group, j]), axis=k),
+
+    def scale(k, j):
+        return 1.0 if per_channel else scales[k // group, j]
+
+    if bits == 8:
+        k = te.reduce_axis((0, cols), "k")
+        acc = te.compute((rows, n), lambda i, j: te.sum(x[i, k] * (w[k, j].astype("float32") * scale(k, j)), axis=k),
                          name="acc")
-        scaled = lambda i, j: acc[i, j]  # noqa: E731
+    else:  # each byte holds two columns: one reduction step takes both
+        low, high = _int4_pair(w)
+        k2 = te.reduce_axis((0, w.shape[0]), "k2")
+        acc = te.compute((rows, n), lambda i, j: te.sum(
+            (x[i, 2 * k2] * low(k2, j) + x[i, 2 * k2 + 1] * high(k2, j)) * scale(2 * k2, j), axis=k2), name="acc")
+    scaled = (lambda i, j: acc[i, j] * scales[0, j]) if per_channel else (lambda i, j: acc[i, j])
     if bias is None:
         return te.compute((rows, n), scaled, name="out")
     return te.compute((rows, n), lambda i, j: scaled(i, j) + bias[j], name="out")
@@ -111,6 +115,8 @@ def convert_linear_wq(node: fx.Node, importer):
     scale = _const(importer, scales, "scale").t().contiguous()
     flat, lead = _flatten_rows(importer, importer.env[x])
     cols = x.meta["val"].shape[-1]
+    if bits == 4 and cols % 2:  # the pair step reads column K: one zero column more
+        flat = importer.block_builder.emit(rx.op.nn.pad(flat, [0, 0, 0, 1]))
     operands = [flat, rx.const(weight.numpy()), rx.const(scale.numpy())]
     if bias is not None:
         operands.append(importer.env[bias])
@@ -150,10 +156,13 @@ def convert_embedding_wq(node: fx.Node, importer):
                                           primfunc_name_hint=kernel_name("orca_embedding_wq"))
 
 
-def _quantize_rows_te(x):
+def _quantize_rows_te(x, *smooth):
     from tvm import te, tirx
 
     rows, cols = x.shape
+    if smooth:
+        factor = smooth[0]
+        x = te.compute((rows, cols), lambda i, c: x[i, c] * factor[c], name="smoothed")
     k = te.reduce_axis((0, cols), "k")
     amax = te.compute((rows,), lambda i: te.max(te.abs(x[i, k]), axis=k), name="amax")
     scale = te.compute((rows,), lambda i: te.max(amax[i], tirx.const(1e-12, "float32")) / float(quant.INT8_MAX),
@@ -208,11 +217,13 @@ def convert_linear_dq(node: fx.Node, importer):
     """orca.linear_dq -> quantize the rows of x, then the int8 matmul with its float epilogue."""
     from tvm import relax as rx
 
-    x, qweight, wscale, bias = node.args
+    x, qweight, wscale, bias, *smooth = node.args
+    smooth = smooth[0] if smooth else None
     bb = importer.block_builder
     flat, lead = _flatten_rows(importer, importer.env[x])
     weight, n = _int8_weight(importer, qweight)
-    q = bb.emit_te(_quantize_rows_te, flat, primfunc_name_hint=kernel_name("orca_quantize_rows"))
+    factors = [] if smooth is None else [rx.const(_const(importer, smooth, "smoothing factor").numpy())]
+    q = bb.emit_te(_quantize_rows_te, flat, *factors, primfunc_name_hint=kernel_name("orca_quantize_rows"))
     operands = [bb.emit(rx.TupleGetItem(q, 0)), weight, bb.emit(rx.TupleGetItem(q, 1)),
                 rx.const(_const(importer, wscale, "scale").numpy())]
     if bias is not None:

@@ -8,9 +8,13 @@ Integers are symmetric (zero point 0) everywhere: int8 in [-127, 127], int4 in [
   consecutive input columns (group = K: per channel).
 - `orca::embedding_wq(qweight, scales, indices, bits)`: an embedding whose table is quantized
   like a weight-only linear's, one scale per row (`scales: [V, 1]`).
-- `orca::linear_dq(x, qweight, wscale, bias?)`: dynamic int8 linear. Each row of `x` is quantized
-  at run time with its own scale (absmax / 127), multiplied with the int8 weight (per-output-channel
-  `wscale: [N]`) in int32, and the int32 sums are scaled back to float32.
+- `orca::linear_dq(x, qweight, wscale, bias?, smooth?)`: dynamic int8 linear. Each row of `x`
+  (times `smooth`, a per-input-channel factor `[K]` when given) is quantized at run time with its
+  own scale (absmax / 127), multiplied with the int8 weight (per-output-channel `wscale: [N]`,
+  its columns already divided by `smooth`) in int32, and the int32 sums are scaled back to
+  float32. `smooth` is SmoothQuant's migration of activation outliers into the weight: the
+  product is unchanged, but a few huge input channels no longer crush every other channel's
+  resolution (BERT's hidden states have such channels).
 - `orca::quantize(x, scale) -> int8` and `orca::dequantize(q, scale) -> float32`: per-tensor,
   with a scale frozen by calibration (static mode).
 - `orca::linear_q(xq, x_scale, qweight, wscale, bias?, out_scale, activation)` and
@@ -80,9 +84,12 @@ def int_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     return a.double() @ b_t.double().t()
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Dynamic quantization of each row (last dim) of `x`: `(int8 values, float32 scales [rows])`."""
+def quantize_rows(x: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Dynamic quantization of each row (last dim) of `x` (times `smooth`, per column):
+    `(int8 values, float32 scales [rows])`."""
     rows = x.reshape(-1, x.shape[-1]).float()
+    if smooth is not None:
+        rows = rows * smooth
     scales = (rows.abs().amax(-1) / INT8_MAX).clamp_min(1e-12)
     return torch.round(rows / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scales
 
@@ -116,8 +123,9 @@ def embedding_wq_impl(qweight: Tensor, scales: Tensor, indices: Tensor, bits: in
     return (q.float() * scales[indices].reshape(-1, 1)).reshape(*indices.shape, -1)
 
 
-def linear_dq_impl(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None) -> Tensor:
-    xq, xscale = quantize_rows(x)
+def linear_dq_impl(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None,
+                   smooth: Tensor | None = None) -> Tensor:
+    xq, xscale = quantize_rows(x, smooth)
     acc = int_matmul(xq, qweight) * xscale.double()[:, None]
     out = _epilogue(acc, wscale, bias, 0.0, "none")
     return out.reshape(*x.shape[:-1], qweight.shape[0])
@@ -172,7 +180,7 @@ def _embedding_wq_fake(qweight, scales, indices, bits):
     return scales.new_empty((*indices.shape, cols), dtype=torch.float32)
 
 
-def _linear_dq_fake(x, qweight, wscale, bias):
+def _linear_dq_fake(x, qweight, wscale, bias, smooth=None):
     _check(x.shape[-1] == qweight.shape[1], "linear_dq", f"x has {x.shape[-1]} features, the weight {qweight.shape[1]}")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
