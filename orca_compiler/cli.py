@@ -120,8 +120,14 @@ def _cmd_memory(args) -> int:
     from .pass_manager import PassManager
 
     model, inputs = load_model(args.model)
-    ir, _ = PassManager(args.pipeline).run(capture(model, inputs, keep_op=keep_op_in_capture).ir)
+    pipeline = args.pipeline + (f",place-memory{{budget={args.budget}}}" if args.budget else "")
+    ir, _ = PassManager(pipeline).run(capture(model, inputs, keep_op=keep_op_in_capture).ir)
     print(memory_report(ir))
+    if args.budget:
+        from .printer import format_ir
+
+        print("IR with the placement ops:")
+        print(format_ir(ir), end="")
     return 0
 
 
@@ -237,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "bytes resident, activation peak with and without buffer reuse")
     p.add_argument("model", help="zoo name, or path/to/file.py:function returning (model, example_inputs)")
     p.add_argument("--pipeline", default="O2", help="pipeline to run first (default O2)")
+    p.add_argument("--budget", help="fast-tier bytes for weights (bytes, 512K, or 50%% of the weights): "
+                                    "run place-memory with it and print the plan and the IR")
     p.set_defaults(fn=_cmd_memory)
 
     from .debug import cli as debug_cli

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .ir import GraphIR
+from .ops.placement import FETCH, PREFETCH, RELEASE
 
 ALIGNMENT = 64
 
@@ -34,7 +35,7 @@ class TensorLife:
     """One tensor: what it is, its size and the steps [first, last] during which it must exist."""
 
     name: str
-    kind: str  # "weight" | "input" | "activation"
+    kind: str  # "weight" | "input" | "activation" | "streamed" (a fetched weight, in the pool)
     nbytes: int
     first: int
     last: int
@@ -91,9 +92,13 @@ def liveness(ir: GraphIR) -> list[TensorLife]:
             if index is not None:
                 val = val[index]
             kind = {"get_attr": "weight", "placeholder": "input"}.get(node.op, "activation")
+            if node.target is FETCH:
+                kind = "streamed"  # a weight's copy in place-memory's pool, not an activation
             first = steps.get(node, end) if kind == "activation" else end
             name = node.name if index is None else f"{node.name}[{index}]"
-            lives[storage] = TensorLife(name, kind, _nbytes(val), first, first, node, index)
+            # weights and inputs: first and last come from their uses (an unused one stays empty)
+            last = first if kind == "activation" else -1
+            lives[storage] = TensorLife(name, kind, _nbytes(val), first, last, node, index)
         return lives[storage]
 
     for node in ir.compute_nodes():
@@ -196,18 +201,47 @@ def run_in_arena(ir: GraphIR, plan: MemoryPlan, *inputs: torch.Tensor) -> tuple:
     return tuple(t.clone() for t in (out if isinstance(out, (tuple, list)) else (out,)))
 
 
+def pool_peak(ir: GraphIR) -> tuple[int, int]:
+    """(capacity, planned peak) of place-memory's pool: bytes taken from each prefetch (or fetch
+    without one) to its release, in IR order; (0, 0) if nothing is streamed."""
+    capacity = used = peak = 0
+    held: set = set()
+    for node in ir.compute_nodes():
+        if node.target in (PREFETCH, FETCH):
+            capacity = max(capacity, node.args[2])
+            if node.args[0] not in held:
+                held.add(node.args[0])
+                used += _nbytes(node.args[0].meta.get("val"))
+                peak = max(peak, used)
+        elif node.target is RELEASE:
+            weight = node.args[0].args[0]
+            held.discard(weight)
+            used -= _nbytes(weight.meta.get("val"))
+    return capacity, peak
+
+
 def memory_report(ir: GraphIR) -> str:
-    """A table per tier (one tier, 'ram', until placement assigns others): bytes resident, the
-    activation peak with and without reuse, and the lower bound."""
+    """A table per tier: bytes resident, the activation peak with and without reuse and the
+    lower bound (fast tier), place-memory's pool (capacity and planned peak) and the bytes moved
+    into it per call from the slow tier."""
     lives = liveness(ir)
     plan = plan_activations(ir)
-    weights = sum(t.nbytes for t in lives if t.kind == "weight")
+    streamed = {n.args[0] for n in ir.compute_nodes() if n.target is FETCH}
+    weights = sum(t.nbytes for t in lives if t.kind == "weight" and t.node not in streamed)
+    slow = sum(t.nbytes for t in lives if t.kind == "weight" and t.node in streamed)
     inputs = sum(t.nbytes for t in lives if t.kind == "input")
+    capacity, peak = pool_peak(ir)
     largest = sorted(plan.lives, key=lambda t: -t.nbytes)[:5]
     lines = [
         "tier  resident weights  inputs  activation peak (reuse)  without reuse  lower bound  moved",
-        f"ram   {weights:>16,}  {inputs:>6,}  {plan.peak:>23,}  {plan.no_reuse:>13,}  {plan.lower_bound:>11,}  0",
-        "largest activations (bytes, live steps):",
+        f"ram   {weights:>16,}  {inputs:>6,}  {plan.peak:>23,}  {plan.no_reuse:>13,}  {plan.lower_bound:>11,}  {slow:,}",
     ]
+    if streamed:
+        tier = next(iter(streamed)).meta.get("orca_annotations", {}).get("tier", "disk")
+        lines.append(f"{tier:<5} {slow:>16,}  {'-':>6}  {'-':>23}  {'-':>13}  {'-':>11}  0")
+        lines.append(f"pool (ram, for streamed weights): capacity {capacity:,}, planned peak {peak:,}; "
+                     f"fast-tier weights at most {weights + capacity:,} (resident + pool), "
+                     f"{len(streamed)} weights streamed, {slow:,} bytes moved per call")
+    lines.append("largest activations (bytes, live steps):")
     lines += [f"  %{t.name}: {t.nbytes:,} [{t.first}, {t.last}]" for t in largest]
     return "\n".join(lines)

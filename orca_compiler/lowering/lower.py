@@ -17,7 +17,7 @@ from ..runtime import TVMGraphModule
 from .extern import bind_extern, impl_named
 from .kernel_select import MEASURE, KernelChoice, select_kernels
 from .relax_build import build_executable
-from .support import unsupported_reason
+from .support import bind_host_ops, is_host_op, unsupported_reason
 from .target import ResolvedTarget, resolve_target
 
 
@@ -168,9 +168,10 @@ def _lower_with(ir: GraphIR, resolved: ResolvedTarget, choices: dict, fullgraph:
             reason = rejected.get(node.name) or unsupported_reason(node, externs)
             if reason is not None:
                 unsupported[node] = reason
-        if unsupported and fullgraph:
-            listing = "; ".join(f"%{n.name} ({op_name(n)}): {r}" for n, r in unsupported.items())
-            raise UnsupportedOpError(f"fullgraph=True but {len(unsupported)} op(s) cannot be lowered: {listing}")
+        eager = {n: r for n, r in unsupported.items() if not is_host_op(n)}  # host ops stay out of TVM by design
+        if eager and fullgraph:
+            listing = "; ".join(f"%{n.name} ({op_name(n)}): {r}" for n, r in eager.items())
+            raise UnsupportedOpError(f"fullgraph=True but {len(eager)} op(s) cannot be lowered: {listing}")
         try:
             program = _build(ir, resolved, unsupported, fullgraph, externs, tuning_db)
         except LoweringError as exc:
@@ -179,7 +180,7 @@ def _lower_with(ir: GraphIR, resolved: ResolvedTarget, choices: dict, fullgraph:
                 raise
             rejected[node] = str(exc)  # retry with that node in eager
             continue
-        program.fallbacks = [Fallback(n.name, op_name(n), r) for n, r in unsupported.items()] + program.fallbacks
+        program.fallbacks = [Fallback(n.name, op_name(n), r) for n, r in eager.items()] + program.fallbacks
         program.unsupported = {n.name: r for n, r in unsupported.items()}
         return program
 
@@ -237,6 +238,7 @@ def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: 
         setattr(parent, call.target, TVMGraphModule(executable, resolved, externs=externs))
         if single_output:
             _take_first_result(parent, call)
+    bind_host_ops(parent, ir.gm)
     parent.graph.lint()
     parent.recompile()
     program = LoweredProgram(parent, resolved, fallbacks, executables, len(executables))
@@ -248,4 +250,5 @@ def _take_first_result(parent: fx.GraphModule, call: fx.Node) -> None:
     """Users of a one-output partition expect a bare value; a TVM partition returns a tuple."""
     with parent.graph.inserting_after(call):
         first = parent.graph.call_function(operator.getitem, (call, 0))
+    first.meta = dict(call.meta)  # a later partition reading it takes its type from here
     call.replace_all_uses_with(first, delete_user_cb=lambda user: user is not first)

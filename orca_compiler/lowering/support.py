@@ -28,7 +28,12 @@ _CUSTOM_CONVERTERS: dict[torch._ops.OpOverload, Callable] = {}
 
 
 # Modules of this package whose import registers converters for our own ops (orca_compiler.ops).
-_CONVERTER_MODULES = ("rnn_kernels", "fused_kernels", "sparse_kernels", "quant_kernels")
+_CONVERTER_MODULES = ("rnn_kernels", "fused_kernels", "sparse_kernels", "quant_kernels", "streaming")
+
+# Ops the lowering keeps on the host on purpose (place-memory's prefetch/fetch/release): never
+# handed to TVM and not reported as fallbacks. `bind(parent, source)` is called once on each
+# partitioned program holding one (source: the IR's module) to turn its nodes into runtime calls.
+_HOST_OPS: dict[torch._ops.OpOverload, Callable] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,6 +51,23 @@ def _load_converter_modules() -> None:
 def register_converter(op: torch._ops.OpOverload, converter: Callable) -> None:
     """Register a Relax converter for one of our own torch ops (a torch.library OpOverload)."""
     _CUSTOM_CONVERTERS[op] = converter
+
+
+def register_host_op(op: torch._ops.OpOverload, bind: Callable) -> None:
+    """Keep `op` on the host between TVM partitions by design (see _HOST_OPS)."""
+    _HOST_OPS[op] = bind
+
+
+def is_host_op(node: fx.Node) -> bool:
+    _load_converter_modules()
+    return node.op == "call_function" and node.target in _HOST_OPS
+
+
+def bind_host_ops(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
+    """Run each binder of the host ops in `parent` once (before their targets are replaced)."""
+    binders = {_HOST_OPS[n.target] for n in parent.graph.nodes if n.op == "call_function" and n.target in _HOST_OPS}
+    for bind in binders:
+        bind(parent, source)
 
 
 def unregister_converter(op: torch._ops.OpOverload) -> None:

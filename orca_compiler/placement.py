@@ -1,0 +1,340 @@
+"""Memory tiers and the weight placement plan: which weights stay in the fast tier, which are
+streamed from the slow tier, and where their prefetches go.
+
+**Tiers.** A tier is a name, a capacity and a bandwidth (bytes/s, for reading from it into the
+fastest tier). On CPU there are two: `ram` (capacity: the RAM available now, psutil) and `disk`
+(memory-mapped files; capacity: the free space of the cache folder, bandwidth a conservative
+default, `DISK_BANDWIDTH`, unless measured with `measure_disk_bandwidth`). On CUDA there would be
+three, `device` (GPU memory), `host` (pinned RAM, PCIe bandwidth) and `disk`; `cuda_tiers`
+describes them, but only the CPU pair is implemented by the runtime. The pipeline option
+`tiers=ram:16G@20G;disk:1T@1G` replaces the defaults (capacity@bandwidth per second).
+
+**The plan** (`plan_placement`), for a fast-tier budget B in bytes for the weights:
+1. Each weight's live range [first, last] comes from memory_plan.liveness (steps = compute
+   nodes; a view of a weight keeps it live).
+2. The working set at step s is the weights live at s. If every weight is streamed, the fast tier
+   must still hold the largest working set: a budget below it is an error naming that minimum.
+3. If all weights fit, all stay resident. Otherwise weights are kept resident greedily, by the
+   cost per byte of streaming them (transfer time not hidden behind the compute before their
+   first use, from a roofline estimate per op, plus a fixed cost per streamed weight, so small
+   weights stay resident first; earliest use first on ties), while the rest
+   still fit the pool: the budget left over. With policy=prefetch the pool must also hold the
+   next streamed weight beside the working set (double buffering) where the budget allows it.
+4. Prefetches are issued in first-use order, each as early as the pool has room for it once the
+   releases before it have run (a release follows its weight's last use). Because every prefetch
+   is placed where the pool has room, the background copies never wait on the pool in a valid
+   plan; the pool's own bound is the safety net. policy=naive issues none: each weight is copied
+   when it is needed, with nothing to overlap.
+
+The estimate (`estimated_seconds`) replays the plan on a timeline: ops on the main thread, copies
+one at a time on the background thread, a fetch waiting for its copy.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .errors import PassInputError
+from .ir import GraphIR
+from .memory_plan import liveness
+
+# Conservative defaults where nothing is measured: a SATA-class SSD read, one socket's DRAM, and
+# a few cores' fp32 GEMM rate. Only the ratios matter to the plan.
+DISK_BANDWIDTH = 500e6
+RAM_BANDWIDTH = 10e9
+COMPUTE_FLOPS = 50e9
+PCIE_BANDWIDTH = 12e9
+# What one streamed weight costs beyond its bytes: three host ops and a cut between TVM
+# partitions (measured ~10-30 us each on the zoo models). It keeps small weights resident first.
+COPY_OVERHEAD = 20e-6
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    capacity: int  # bytes
+    bandwidth: float  # bytes/s into the fastest tier
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.capacity}@{self.bandwidth:.3g}"
+
+
+def cpu_tiers() -> list[Tier]:
+    """`ram` and `disk` as this machine has them (fastest first)."""
+    from .cache_dir import cache_dir
+
+    try:
+        import psutil
+
+        ram = int(psutil.virtual_memory().available)
+    except ImportError:  # psutil is a dependency, but a bare install still plans
+        ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    disk = shutil.disk_usage(cache_dir()).free
+    return [Tier("ram", ram, RAM_BANDWIDTH), Tier("disk", int(disk), DISK_BANDWIDTH)]
+
+
+def cuda_tiers(device: int = 0) -> list[Tier]:
+    """`device` (GPU memory), `host` (RAM over PCIe) and `disk`: the tier model on CUDA. Described
+    for planning only; the runtime streams on CPU."""
+    free = torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else 0
+    ram, disk = cpu_tiers()
+    return [Tier("device", int(free), 1e12), Tier("host", ram.capacity, PCIE_BANDWIDTH), disk]
+
+
+def measure_disk_bandwidth(megabytes: int = 64) -> float:
+    """Bytes/s of reading a fresh file of `megabytes` through a memory map (the page cache may
+    serve it: an upper bound for cold reads)."""
+    from .cache_dir import cache_dir
+
+    path = cache_dir() / f"disk-probe-{os.getpid()}.bin"
+    data = torch.ones(megabytes << 18)
+    try:
+        data.numpy().tofile(path)
+        mapped = torch.from_file(str(path), shared=False, size=data.numel(), dtype=torch.float32)
+        t0 = time.perf_counter()
+        mapped.clone()
+        return data.nbytes / (time.perf_counter() - t0)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """`262144`, `512K`, `1.5G` (powers of 1024) -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (write bytes, or a number with K, M, G or T)")
+    scale = 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * scale)
+
+
+def parse_tiers(text: str) -> list[Tier]:
+    """`ram:16G@20G;disk:1T@1G` -> tiers, fastest first (bandwidth in bytes/s)."""
+    tiers = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        match = re.match(r"^([a-z]+):([^@]+)@(.+)$", part)
+        if not match:
+            raise ValueError(f"tier {part!r}: expected name:capacity@bandwidth, e.g. disk:1T@1G")
+        tiers.append(Tier(match.group(1), parse_bytes(match.group(2)), float(parse_bytes(match.group(3)))))
+    if len(tiers) < 2:
+        raise ValueError("give at least two tiers, fastest first (e.g. ram:16G@20G;disk:1T@1G)")
+    return tiers
+
+
+def parse_budget(text: str, total: int, fast: Tier) -> int:
+    """A budget in bytes, or a percentage of the weights' bytes (`50%`); empty: the fast tier."""
+    text = text.strip()
+    if not text:
+        return fast.capacity
+    if text.endswith("%"):
+        return int(total * float(text[:-1]) / 100)
+    return parse_bytes(text)
+
+
+@dataclass
+class WeightUse:
+    node: fx.Node  # the get_attr
+    nbytes: int
+    first: int  # steps: the first and last compute node that read it
+    last: int
+    streamable: bool = True  # False: no tensor marks the end of its last use; it stays resident
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+
+@dataclass
+class Placement:
+    """The plan: resident and streamed weights, the pool, and where each prefetch is issued
+    (`prefetch_at[name]` = the step before which it runs)."""
+
+    tiers: list[Tier]
+    budget: int
+    policy: str
+    weights: list[WeightUse]
+    streamed: list[WeightUse] = field(default_factory=list)
+    pool_bytes: int = 0
+    prefetch_at: dict[str, int] = field(default_factory=dict)
+    min_budget: int = 0
+    op_seconds: list[float] = field(default_factory=list)
+    estimated_seconds: float = 0.0  # ops plus the copies that could not be hidden
+    compute_seconds: float = 0.0
+
+    @property
+    def resident(self) -> list[WeightUse]:
+        names = {w.name for w in self.streamed}
+        return [w for w in self.weights if w.name not in names]
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(w.nbytes for w in self.resident)
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes copied from the slow tier into the pool per call."""
+        return sum(w.nbytes for w in self.streamed)
+
+
+def tensor_anchor(node: fx.Node) -> fx.Node | None:
+    """A tensor that exists only once `node` ran: the node itself, or an element it returns."""
+    if isinstance(node.meta.get("val"), torch.Tensor):
+        return node
+    return next((u for u in node.users if isinstance(u.meta.get("val"), torch.Tensor)), None)
+
+
+def weight_uses(ir: GraphIR) -> list[WeightUse]:
+    """The weights read by compute nodes, with their live steps. A weight whose last reader
+    returns a tuple stays live until the first element is taken out (its release waits on that)."""
+    nodes = ir.compute_nodes()
+    step_of = {n: i for i, n in enumerate(nodes)}
+    uses = []
+    for t in liveness(ir):
+        if t.kind != "weight" or t.last < 0 or t.node.op != "get_attr":
+            continue
+        anchor = tensor_anchor(nodes[t.last]) if t.last < len(nodes) else None
+        last = step_of[anchor] if anchor is not None else len(nodes) - 1
+        uses.append(WeightUse(t.node, t.nbytes, t.first, last, streamable=anchor is not None))
+    return uses
+
+
+def working_set(weights: list[WeightUse], steps: int) -> tuple[int, int]:
+    """(bytes, step) of the largest set of these weights live at one step."""
+    totals = [0] * max(steps, 1)
+    for w in weights:
+        for s in range(w.first, w.last + 1):
+            totals[s] += w.nbytes
+    best = max(range(len(totals)), key=totals.__getitem__)
+    return totals[best], best
+
+
+def double_buffered_set(weights: list[WeightUse], steps: int) -> int:
+    """The largest working set plus the next weight to arrive (what double buffering needs)."""
+    order = sorted(weights, key=lambda w: (w.first, w.name))
+    need = 0
+    for s in range(steps):
+        live = sum(w.nbytes for w in weights if w.first <= s <= w.last)
+        upcoming = next((w.nbytes for w in order if w.first > s), 0)
+        need = max(need, live + upcoming)
+    return need
+
+
+def op_seconds(ir: GraphIR, flops_per_s: float = COMPUTE_FLOPS, bytes_per_s: float = RAM_BANDWIDTH) -> list[float]:
+    """A roofline time per compute node: max(FLOPs / compute rate, bytes read and written / RAM
+    bandwidth), FLOPs as torch's FlopCounterMode counts them on the recorded shapes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .memory_plan import _nbytes
+
+    times = []
+    for node in ir.compute_nodes():
+        flops = 0
+        if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+            counter = FlopCounterMode(display=False)
+            try:
+                with ir.fake_mode, counter:
+                    node.target(*args, **kwargs)
+                flops = counter.get_total_flops()
+            except Exception:  # an op the counter or fake mode cannot run: count its bytes only
+                flops = 0
+        moved = sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes) + _nbytes(node.meta.get("val"))
+        times.append(max(flops / flops_per_s, moved / bytes_per_s))
+    return times
+
+
+def _exposed_per_byte(w: WeightUse, ops: list[float], bandwidth: float) -> float:
+    """Transfer time of `w` not hidden by the compute before its first use, per byte."""
+    hidden = sum(ops[:w.first])
+    return (max(0.0, w.nbytes / bandwidth - hidden) + COPY_OVERHEAD) / max(w.nbytes, 1)
+
+
+def _prefetch_steps(streamed: list[WeightUse], pool: int) -> dict[str, int]:
+    """Each streamed weight's prefetch step: first-use order, as early as the pool has room once
+    the releases before that step have run (a weight is released before step last + 1)."""
+    at: dict[str, int] = {}
+    issued: list[WeightUse] = []
+    step = 0
+    for w in sorted(streamed, key=lambda w: (w.first, w.name)):
+        while step < w.first and sum(o.nbytes for o in issued if o.last + 1 > step) + w.nbytes > pool:
+            step += 1
+        at[w.name] = step
+        issued.append(w)
+    return at
+
+
+def _timeline(plan: Placement, bandwidth: float) -> float:
+    """Seconds of one call: ops one after another, copies one at a time beside them."""
+    order = sorted(plan.streamed, key=lambda w: (plan.prefetch_at.get(w.name, w.first), w.first, w.name))
+    start_of: dict[int, float] = {}
+    clock = 0.0
+    copies_free = 0.0
+    ready: dict[str, float] = {}
+    pending = list(order)
+    for step, seconds in enumerate(plan.op_seconds):
+        start_of[step] = clock
+        for w in [w for w in pending if plan.prefetch_at.get(w.name, w.first) == step]:
+            begin = max(clock, copies_free)
+            copies_free = begin + w.nbytes / bandwidth
+            ready[w.name] = copies_free
+            pending.remove(w)
+        for w in plan.streamed:
+            if w.first == step:
+                clock = max(clock, ready[w.name])
+        clock += seconds
+    return clock
+
+
+def plan_placement(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "prefetch",
+                   ops: list[float] | None = None) -> Placement:
+    """The plan for a fast-tier budget of `budget` bytes (see the module docstring); raises
+    PassInputError naming the minimum feasible budget when even one step's weights do not fit."""
+    weights = weight_uses(ir)
+    steps = len(ir.compute_nodes())
+    ops = op_seconds(ir, bytes_per_s=tiers[0].bandwidth if tiers[0].bandwidth < 1e12 else RAM_BANDWIDTH) if ops is None else ops
+    slow = tiers[-1].bandwidth
+    minimum, at_step = working_set(weights, steps)
+    plan = Placement(tiers, budget, policy, weights, min_budget=minimum, op_seconds=ops,
+                     compute_seconds=sum(ops))
+    plan.estimated_seconds = plan.compute_seconds
+    total = sum(w.nbytes for w in weights)
+    if total <= budget:
+        return plan
+    if budget < minimum:
+        node = ir.compute_nodes()[at_step]
+        live = sorted((w for w in weights if w.first <= at_step <= w.last), key=lambda w: -w.nbytes)
+        names = ", ".join(f"%{w.name} ({w.nbytes:,})" for w in live[:4]) + (", ..." if len(live) > 4 else "")
+        raise PassInputError(
+            f"a fast-tier budget of {budget:,} bytes is too small: %{node.name} (step {at_step}) needs its "
+            f"weights {names} in the fast tier at once; the minimum feasible budget is {minimum} bytes "
+            f"({minimum:,})")
+    pinned = [w for w in weights if not w.streamable]
+    streamed = [w for w in weights if w.streamable]
+    resident_bytes = sum(w.nbytes for w in pinned)
+    double = policy == "prefetch" and resident_bytes + double_buffered_set(streamed, steps) <= budget
+    need = double_buffered_set if double else (lambda ws, n: working_set(ws, n)[0])
+    if resident_bytes + need(streamed, steps) > budget:
+        raise PassInputError(f"a fast-tier budget of {budget:,} bytes is too small: weights that cannot be streamed "
+                             f"need {resident_bytes:,} bytes beside the streamed working set; the minimum feasible "
+                             f"budget is {resident_bytes + need(streamed, steps)} bytes")
+    for w in sorted(streamed, key=lambda w: (-_exposed_per_byte(w, ops, slow), w.first, w.name)):
+        rest = [o for o in streamed if o is not w]
+        if resident_bytes + w.nbytes + need(rest, steps) <= budget:
+            streamed = rest
+            resident_bytes += w.nbytes
+    plan.streamed = sorted(streamed, key=lambda w: (w.first, w.name))
+    plan.pool_bytes = budget - resident_bytes
+    if policy == "prefetch":
+        plan.prefetch_at = _prefetch_steps(plan.streamed, plan.pool_bytes)
+    else:
+        plan.prefetch_at = {w.name: w.first for w in plan.streamed}
+    plan.estimated_seconds = _timeline(plan, slow)
+    return plan
