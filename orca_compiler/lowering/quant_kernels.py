@@ -80,8 +80,22 @@ def _int4_pair(w):
     return (lambda k2, j: nibble(k2, j, 0)), (lambda k2, j: nibble(k2, j, 4))
 
 
-def _linear_wq_te(x, w, scales, *rest, bits: int, group: int, cols: int):
-    """x `[M, K]` (K even for int4) x the transposed quantized weight -> `[M, N]` float32."""
+def _int4_column(w):
+    """The float32 value of column k, row j of a packed int4 `[K/2, N]` weight (shift by k's parity)."""
+    from tvm import tirx
+
+    def value(k, j):
+        byte = w[k // 2, j].astype("int32")
+        nibble = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), tirx.const(15, "int32"))
+        return (nibble - quant.INT4_OFFSET).astype("float32")
+
+    return value
+
+
+def _linear_wq_te(x, w, scales, *rest, bits: int, group: int, cols: int, pairs: bool = True):
+    """x `[M, K]` (K even for int4) x the transposed quantized weight -> `[M, N]` float32.
+    int4 with `pairs` takes a byte's two columns per reduction step (constant shifts: vectorizes
+    on CPU); without, one column a step (the form dlight's GPU rules accept)."""
     from tvm import te
 
     bias = rest[0] if rest else None
@@ -91,10 +105,10 @@ def _linear_wq_te(x, w, scales, *rest, bits: int, group: int, cols: int):
     def scale(k, j):
         return 1.0 if per_channel else scales[k // group, j]
 
-    if bits == 8:
+    if bits == 8 or not pairs:
+        value = (lambda k, j: w[k, j].astype("float32")) if bits == 8 else _int4_column(w)
         k = te.reduce_axis((0, cols), "k")
-        acc = te.compute((rows, n), lambda i, j: te.sum(x[i, k] * (w[k, j].astype("float32") * scale(k, j)), axis=k),
-                         name="acc")
+        acc = te.compute((rows, n), lambda i, j: te.sum(x[i, k] * (value(k, j) * scale(k, j)), axis=k), name="acc")
     else:  # each byte holds two columns: one reduction step takes both
         low, high = _int4_pair(w)
         k2 = te.reduce_axis((0, w.shape[0]), "k2")
@@ -120,7 +134,11 @@ def convert_linear_wq(node: fx.Node, importer):
     operands = [flat, rx.const(weight.numpy()), rx.const(scale.numpy())]
     if bias is not None:
         operands.append(importer.env[bias])
-    out = importer.block_builder.emit_te(functools.partial(_linear_wq_te, bits=bits, group=group, cols=cols),
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    pairs = target is None or target.kind.name == "llvm"
+    out = importer.block_builder.emit_te(functools.partial(_linear_wq_te, bits=bits, group=group, cols=cols, pairs=pairs),
                                          *operands, primfunc_name_hint=kernel_name("orca_linear_wq"))
     return _restore_rows(importer, out, lead, weight.shape[1])
 
