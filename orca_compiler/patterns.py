@@ -201,9 +201,18 @@ def apply_rules(ir: GraphIR, rules: list[FusionRule]) -> dict[str, int]:
                 continue
             with ir.graph.inserting_before(node):
                 replacement = rule.replacement(ir, m)
+            _keep_provenance(replacement, m.nodes)
             node.replace_all_uses_with(replacement)
             for dead in reversed(m.nodes):
                 ir.graph.erase_node(dead)
                 erased.add(dead)
             fired[rule.name] = fired.get(rule.name, 0) + 1
     return fired
+
+
+def _keep_provenance(replacement: fx.Node, matched: list[fx.Node]) -> None:
+    """Give a fused node the module path of the innermost layer it replaces (the linear of a
+    linear + add + relu group), so layer names (skip lists, reports) still find it."""
+    stacks = [n.meta["nn_module_stack"] for n in matched if n.meta.get("nn_module_stack")]
+    if stacks and "nn_module_stack" not in replacement.meta:
+        replacement.meta["nn_module_stack"] = max(stacks, key=len)
