@@ -52,6 +52,17 @@ def _decompose(ep: torch.export.ExportedProgram, keep_op: Callable | None) -> to
     return ep.run_decompositions(table)
 
 
+def _drop_metadata_checks(ep: torch.export.ExportedProgram) -> None:
+    """Erase the aten._assert_tensor_metadata checks torch.export records for `.to(dtype)` calls
+    (Hugging Face models make several): they return nothing, so they carry no meta["val"], and
+    what they assert (a dtype, a device) is already in the IR's recorded types."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+    ep.graph_module.recompile()
+
+
 def _check_no_mutation(ep: torch.export.ExportedProgram) -> None:
     mutated = list(ep.graph_signature.buffers_to_mutate.values())
     mutated += list(getattr(ep.graph_signature, "user_inputs_to_mutate", {}).values())
@@ -93,6 +104,7 @@ def capture(
             continue
         with _quiet_torch_internals():
             ep = _decompose(ep, keep_op)
+        _drop_metadata_checks(ep)
         _check_no_mutation(ep)  # functionalization (in the decomposition) exposes in-place updates
         return CaptureResult(from_exported_program(ep), method, attempts)
     detail = "; ".join(f"{m}: {e}" for m, e in attempts)

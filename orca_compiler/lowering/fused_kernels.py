@@ -54,7 +54,12 @@ def convert_linear_epilogue(node: fx.Node, importer):
 
     a = arguments(node)
     x, weight, bias = (_env(importer, a[k]) for k in ("x", "weight", "bias"))
-    out = importer.block_builder.emit(rx.op.linear(x, weight, bias, _dtype(node)))
+    bb, dtype = importer.block_builder, _dtype(node)
+    if dtype in ("float16", "bfloat16"):  # accumulate in float32 as torch does (lowering/low_precision.py)
+        bias = None if bias is None else bb.emit(rx.op.astype(bias, "float32"))
+        out = bb.emit(rx.op.astype(bb.emit(rx.op.linear(x, weight, bias, "float32")), dtype))
+    else:
+        out = bb.emit(rx.op.linear(x, weight, bias, dtype))
     return _emit_epilogue(importer, out, _env(importer, a["residual"]), a["activation"], a["act_args"])
 
 
@@ -72,6 +77,11 @@ def convert_aten_sdpa(node: fx.Node, importer):
     if a["dropout_p"] or a["enable_gqa"]:
         raise LoweringError(f"%{node.name}: sdpa with dropout or grouped-query heads is not lowered")
     return _emit_attention(importer, a["query"], a["key"], a["value"], a["attn_mask"], a["scale"], a["is_causal"])
+
+
+def _relax_dtype(expr) -> str:
+    dtype = expr.ty.dtype
+    return str(getattr(dtype, "dtype", dtype))
 
 
 def _emit_attention(importer, q_node, k_node, v_node, mask_node, scale, is_causal):
@@ -96,7 +106,16 @@ def _emit_attention(importer, q_node, k_node, v_node, mask_node, scale, is_causa
     bias = None
     if a["mask"] is not None:
         scores = batch + [q_shape[-2], k_shape[-2]]
-        bias = bb.emit(rx.op.broadcast_to(importer.env[a["mask"]], scores))
+        mask = importer.env[a["mask"]]
+        if a["mask"].meta["val"].dtype == torch.bool:
+            # torch: True attends, False is masked out. Relax's bias is added to the scores, so a
+            # bool mask becomes 0 / the dtype's lowest value (Hugging Face BERT's sdpa mask is bool;
+            # added as 1/0 it gave embeddings of cosine 0.56 against eager). The astype: Relax may
+            # carry a bool computed by its own ops as another integer type.
+            dtype = _relax_dtype(q)
+            lowest = rx.const(float(torch.finfo(getattr(torch, dtype)).min), dtype)
+            mask = bb.emit(rx.op.where(bb.emit(rx.op.astype(mask, "bool")), rx.const(0.0, dtype), lowest))
+        bias = bb.emit(rx.op.broadcast_to(mask, scores))
         if not four_d:
             bias = bb.emit(rx.op.reshape(bias, [groups, 1] + scores[-2:]))
     out = bb.emit(rx.op.nn.attention(*to_bsnh, bias=bias, scale=a["scale"],

@@ -74,9 +74,11 @@ def _tracking_importer(externs: dict | None = None):
     from tvm import relax
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+    from .low_precision import LowPrecisionImporter
+
     externs = externs or {}
 
-    class TrackingImporter(ExportedProgramImporter):
+    class TrackingImporter(LowPrecisionImporter, ExportedProgramImporter):
         current_node: str | None = None
         # The weight tensors by the name of the placeholder that stands for them (import_relax
         # fills it): converters that transform a weight at conversion time read it here, as
