@@ -451,13 +451,17 @@ class Quantize(Pass):
         layers = [layer for layer in find_layers(ir) if self._takes(layer)]
         dtypes = layer_dtypes(opts, layers)
         rewriter = _Rewriter(ir, opts)
+        # Activation statistics, by layer: a layer's input node is replaced when the layer that
+        # produces it is rewritten first.
         quantized = {layer.x for layer in layers if dtypes[layer.node] != "fp32"}
+        scales, maxima = {}, {}
         if opts.mode == "static":
-            scales = observe(ir, ctx, quantized, opts.observer, opts.percentile)
-        maxima = {}
+            by_input = observe(ir, ctx, quantized, opts.observer, opts.percentile)
+            scales = {layer.node: by_input.get(layer.x) for layer in layers}
         if opts.mode == "dynamic" and opts.smooth > 0:
             data = ctx.config.get("calibration_data") or ([ctx.example_inputs] if ctx.example_inputs else [])
-            maxima = channel_maxima(ir, list(data), quantized)
+            by_input = channel_maxima(ir, list(data), quantized)
+            maxima = {layer.node: by_input.get(layer.x) for layer in layers}
         quantized_inputs: dict = {}
         for layer in layers:
             dtype = dtypes[layer.node]
@@ -473,9 +477,9 @@ class Quantize(Pass):
             elif opts.mode == "dynamic" and layer.kind == "embedding":
                 rewriter.weight_only(layer, dtype)  # a table lookup: nothing to quantize at run time
             elif opts.mode == "dynamic":
-                rewriter.dynamic(layer, maxima.get(layer.x))
+                rewriter.dynamic(layer, maxima.get(layer.node))
             else:
-                rewriter.static(layer, scales[layer.x], quantized_inputs)
+                rewriter.static(layer, scales[layer.node], quantized_inputs)
             rewriter.stats[dtype] += 1
         stats = rewriter.stats
         if opts.mode == "static":

@@ -128,6 +128,21 @@ def test_static_int8_digits_cnn_loses_under_one_percent_and_chains_int8():
     assert _relative_error(compiled(x), reference(x)) < 1e-3
 
 
+@pytest.mark.parametrize("name", ["resnet", "mobilenet"])
+def test_static_int8_after_fusion_handles_residuals_and_depthwise_convs(name):
+    # O2 first: conv epilogues with residual adds (resnet) and depthwise convs (mobilenet) are
+    # unpacked into an int8 conv and a float epilogue; the fused layers' inputs are other
+    # quantized layers, calibrated before any of them is rewritten.
+    model, inputs = zoo.get(name)
+    pipeline = "O2,quantize{mode=static}"
+    reference, report = oc.prune(model, inputs, pipeline, calibration_data=[inputs])
+    compiled = oc.compile(model, inputs, pipeline=pipeline, calibration_data=[inputs], kernels="tvm")
+    assert not compiled.report.all_fallbacks() and report.passes[-1].stats["requantized"] >= 1
+    got = _first(compiled(*inputs))
+    assert _relative_error(got, _first(reference(*inputs))) < 1e-3
+    assert _relative_error(got, _first(model(*inputs))) < 0.03
+
+
 @pytest.mark.parametrize("observer", ["percentile", "mse"])
 def test_static_observers_calibrate_usable_scales(observer):
     base = trained.digits_cnn()
