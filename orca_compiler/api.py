@@ -94,19 +94,19 @@ def compile(
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise OrcaError(f"unknown compile option(s) {', '.join(unknown)}; valid options: {', '.join(_OPTIONS)}")
-    from .lowering import lower, resolve_target
+    from .lowering import lower
     from .lowering.support import keep_op_in_capture
 
     inputs = _normalize_inputs(example_inputs)
     fullgraph = bool(options.get("fullgraph", False))
     manager = PassManager(pipeline)  # parse first: a typo fails in milliseconds, not after capture
-    resolved = resolve_target(target)
     from .compile_cache import CacheRequest
 
-    cache = CacheRequest.make(model, inputs, manager.text, resolved, options)
+    cache = CacheRequest.make(model, inputs, manager.text, target, options)  # a hit imports no tvm
     hit = cache.lookup()
     if hit is not None:
         return hit
+    resolved = cache.resolved_target()
     report = CompileReport(pipeline=manager.text, target=str(resolved.tvm_target.kind.name))
     t0 = time.perf_counter()
     try:

@@ -236,6 +236,8 @@ def markdown(result: dict) -> str:
              f"the median of {config['repeats']} interleaved rounds, {how}. Ratios are eager time / backend",
              "time (>1 is faster than eager); `vs best peer` = fastest of eager and the peers divided by orca",
              "(>1: orca wins). Compare numbers only within one run.", "",
+             "Tuned kernels (`orca tune`, then the same comparison): [benchmarks-tuned.md](benchmarks-tuned.md),",
+             "written by `python tools/bench_tuned.py --write-docs`.", "",
              "## Machine", ""]
     lines += _table(["", ""], [
         ["CPU", f"{info['cpu']} ({info['machine']}, LLVM cpu {info['llvm_cpu']}), {info['cores']} cores, "

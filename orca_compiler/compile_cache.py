@@ -3,8 +3,10 @@
 L1 is the CompiledModule itself: its TVM functions and VM are built once and serve every call.
 L2 maps a key to the parts of a CompiledModule already built in this process (the program, the
 IR, the report), least recently used first out once their bytes pass a bound. L3 is a folder of
-saved programs (serialize.py's format) under `cache_dir()/compiled`, consulted only when L2
-misses; a hit there rebuilds the module without capture, passes or TVM build.
+saved programs (serialize.py's format, with the tuning records the build applied) under
+`cache_dir()/compiled`, consulted only when L2 misses; a hit there rebuilds the module without
+capture, passes or TVM build, and without importing the `tvm` package (tvm_lite.py; the target's
+key is remembered in the L3 folder, see "the target's key" below).
 
 The key is computed without capturing the model, so that a hit costs milliseconds. What it
 assumes is written in docs/caching.md: the model's behaviour is fixed by its module tree (repr,
@@ -31,6 +33,7 @@ import threading
 import time
 import types
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,6 +231,63 @@ def key_parts(model, inputs: tuple, pipeline: str, target, options: dict) -> dic
 
 def key_of(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- the target's key without importing tvm ----------------------------------------------------
+#
+# The key holds the resolved target (resolve_target: a tvm.target.Target, which imports all of
+# tvm, 1.2-2 s in a fresh process). What resolving a name or dict gives depends only on the
+# request, LLVM's host CPU and triple, the thread count (num-cores) and the TVM/FFI versions, so
+# the L3 folder remembers the result under exactly those (`.targets.json`); LLVM's host CPU is
+# asked from libtvm_compiler.so directly (tvm_lite.py). A miss compiles with the real target
+# and corrects a remembered key that differs (the entry is then written under the right key).
+
+TARGET_MEMO = ".targets.json"
+
+
+@dataclass(frozen=True)
+class KnownTarget:
+    """What the key needs of a resolved target, remembered from an earlier compile."""
+
+    key: str
+    kind: str
+
+
+def _target_request(target) -> str | None:
+    """The text of what resolve_target(target) depends on, or None when it cannot be remembered
+    (a tvm.target.Target object; TVM's shared libraries not where tvm_lite looks)."""
+    if not isinstance(target, (str, dict)):
+        return None
+    try:
+        from . import tvm_lite
+        from .lowering.tuning_db import _ffi_version
+
+        cpu, triple = tvm_lite.host_cpu()
+        return json.dumps({"target": target if isinstance(target, dict) else target.strip(), "cpu": cpu,
+                           "triple": triple, "threads": torch.get_num_threads(), "tvm": tvm_lite.version(),
+                           "tvm_ffi": _ffi_version()}, sort_keys=True)
+    except (ImportError, OSError, TypeError, ValueError, AttributeError, RuntimeError):
+        return None
+
+
+def _read_memo(root: Path) -> dict:
+    try:
+        memo = json.loads((root / TARGET_MEMO).read_text())
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(root: Path, request: str, resolved) -> None:
+    memo = _read_memo(root)
+    if memo.get(request) == {"key": resolved.key, "kind": resolved.kind}:
+        return
+    memo[request] = {"key": resolved.key, "kind": resolved.kind}
+    with contextlib.suppress(OSError):  # a read-only cache folder: resolve with TVM each time
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-targets-", dir=root)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(memo, indent=1))
+        os.replace(tmp, root / TARGET_MEMO)
 
 
 # -- L2: the process-wide LRU ----------------------------------------------------------------------
@@ -464,11 +524,13 @@ class DiskStore:
         for folder in self.root.iterdir():
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
-            files = [p for p in folder.iterdir() if p.is_file()]
+            files = [p for p in folder.rglob("*") if p.is_file()]
             try:
                 meta = json.loads((folder / serialize.META).read_text())
                 parts = meta.get("key_parts") or {}
                 what = f"{parts.get('model_class', '?').rsplit('.', 1)[-1]} {parts.get('pipeline', '')}"
+                if meta.get("tuning"):
+                    what += f", tuned ({meta['tuning']['records']} records of {meta['tuning']['workloads']} kernels)"
             except (OSError, ValueError):
                 what = "(unreadable metadata)"
             last = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
@@ -519,31 +581,70 @@ class CacheRequest:
     """What compile() asks of the cache: `lookup()` before capturing, `store()` after building."""
 
     def __init__(self, mode: str, key: str | None, parts: dict | None, store: DiskStore | None, info: CacheInfo,
-                 model=None):
+                 model=None, tuning_db=None, target=None, resolved=None, request=None):
         self.mode, self.key, self.parts, self.store_, self.info = mode, key, parts, store, info
         self.model = model
+        self.target, self.resolved, self.request = target, resolved, request
         self.start = time.perf_counter()
+        # With a tuning database, note which of its records the builds apply: they are kept
+        # with the program (L3 entry, save) so that it says what it was built with.
+        self.applied = None
+        if tuning_db is not None:
+            from .lowering.tuning import AppliedRecords
+
+            self.applied = AppliedRecords().open()
+            weakref.finalize(self, self.applied.close)  # a compile that raises never calls store()
 
     @classmethod
     def make(cls, model, inputs: tuple, pipeline: str, target, options: dict) -> "CacheRequest":
+        """`target`: what compile() was given (a name, dict or ResolvedTarget); it is resolved with
+        TVM only when the L3 folder does not remember its key (`resolved_target()` after a miss)."""
+        from .lowering.target import ResolvedTarget, resolve_target
+
         mode = options.get("cache") or os.environ.get(ENV_MODE) or "on"
         if mode not in MODES:
             raise OrcaError(f"unknown cache option {mode!r}; valid: {', '.join(MODES)}")
         info = CacheInfo(mode=mode)
+        tuning_db = options.get("tuning_db")
+        resolved = target if isinstance(target, ResolvedTarget) else None
         if mode == "off":
-            return cls(mode, None, None, None, info)
+            return cls(mode, None, None, None, info, tuning_db=tuning_db, target=target, resolved=resolved)
+        root = store_dir(options.get("cache_dir"))
+        request = None if resolved is not None else _target_request(target)
+        remembered = _read_memo(root).get(request) if request is not None else None
+        known = None
+        if isinstance(remembered, dict) and isinstance(remembered.get("key"), str):
+            known = KnownTarget(remembered["key"], str(remembered.get("kind")))
+        if known is None or known.kind != "cpu":
+            resolved = resolved or resolve_target(target)
+        keyed = known if resolved is None else resolved
         try:
-            parts = key_parts(model, inputs, pipeline, target, options)
+            parts = key_parts(model, inputs, pipeline, keyed, options)
         except Uncacheable as exc:
             info.events.append(f"not cached: {exc}")
-            return cls(mode, None, None, None, info)
+            return cls(mode, None, None, None, info, tuning_db=tuning_db, target=target, resolved=resolved)
         store = None
-        if target.kind == "cuda" and not target.device().exist:
+        if keyed.kind == "cuda" and not resolved.device().exist:
             info.events.append("L3 not used: this machine cannot load CUDA libraries (no GPU)")
         else:
-            store = DiskStore(options.get("cache_dir"))
+            store = DiskStore(root)
         info.key = key_of(parts)
-        return cls(mode, info.key, parts, store, info, model)
+        return cls(mode, info.key, parts, store, info, model, tuning_db, target, resolved, request)
+
+    def resolved_target(self):
+        """The ResolvedTarget of this compile (resolved with TVM now if the key was made from a
+        remembered one, whose key is then checked and remembered)."""
+        if self.resolved is None:
+            from .lowering.target import resolve_target
+
+            self.resolved = resolve_target(self.target)
+            if self.parts is not None and self.parts["target"] != self.resolved.key:
+                self.parts["target"] = self.resolved.key
+                self.key = self.info.key = key_of(self.parts)
+                self.info.events.append("the remembered target key was stale; corrected")
+        if self.request is not None and self.store_ is not None and self.mode == "on" and self.resolved.kind == "cpu":
+            _remember(self.store_.root, self.request, self.resolved)
+        return self.resolved
 
     def _snapshot(self) -> None:
         self.info.counts = {level: dict(c) for level, c in COUNTS.items()}
@@ -553,6 +654,8 @@ class CacheRequest:
         if self.key is None:
             return None
         entry = MEMORY.get(self.key)
+        if self.applied is not None:
+            self.applied.close()  # reopened below on a miss
         if entry is not None and not entry.unchanged():
             MEMORY.drop(self.key)
             self.info.events.append("L2 entry dropped: weights it shares with the model it was compiled from "
@@ -577,6 +680,8 @@ class CacheRequest:
                 MEMORY.put(self.key, _Entry.of(compiled, self._nbytes(compiled)))
                 return compiled
             COUNTS["L3"]["misses"] += 1
+        if self.applied is not None:
+            self.applied.open()
         return None
 
     @staticmethod
@@ -592,6 +697,10 @@ class CacheRequest:
         """Put a freshly compiled module in L2 and (cache "on") L3, and report the cache."""
         compiled.report.cache = self.info
         self.info.l1_calls = compiled.l1_calls
+        if self.applied is not None:
+            self.applied.close()
+            if compiled.artifact is not None:
+                compiled.artifact.tuning = self.applied.subset()
         if self.key is None:
             self._snapshot()
             return

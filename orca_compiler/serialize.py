@@ -8,13 +8,19 @@
 - the IR after the pipeline: extern (torch) kernels are bound again from it, eager partitions run
   it, `print_ir` shows it. `ir.json` + `weights.pt` (graph_json.py) when its shapes are static,
   else `ir.pt2` (`torch.export.save` of `ir.to_exported_program`, whose loading imports Dynamo);
+- `tuning/database_workload.json`, `tuning/database_tuning_record.json` (when the compile used a
+  tuning database): the records of the workloads its builds applied, in meta_schedule's JSON-lines
+  form, so the folder says which schedules it holds and `tuning_db=<folder>/tuning` rebuilds them;
 - `meta.json`: versions, target, the content hash and size of every file, the program's shape
   (one TVM program, partitions with the nodes each holds, or all eager), the extern kernels (node,
   implementation, the global function name the library calls), the input signature and pytree
   specs, and the compile report.
 
 A library is loaded only after its bytes hash to what the metadata says; anything that does not
-check out is a `LoadError` naming the file or field, never a crash or a stale kernel.
+check out is a `LoadError` naming the file or field, never a crash or a stale kernel. Loading does
+not import the `tvm` package (tvm_lite.py: 1.2-2 s saved in a fresh process): the libraries are
+loaded and their VMs created through tvm_ffi, and the target stays its exported form until
+something asks for a tvm.target.Target.
 """
 from __future__ import annotations
 
@@ -34,12 +40,16 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
+from . import tvm_lite
 from .errors import OrcaError, TargetError
 
 FORMAT = 1
 META = "meta.json"
 IR_FILE = "ir.pt2"
 GRAPH_FILE, WEIGHTS_FILE = "ir.json", "weights.pt"
+TUNING_DIR = "tuning"
+TUNING_WORKLOADS = f"{TUNING_DIR}/database_workload.json"  # meta_schedule's own file names
+TUNING_RECORDS = f"{TUNING_DIR}/database_tuning_record.json"
 
 
 class LoadError(OrcaError):
@@ -55,7 +65,8 @@ class Artifact:
     eager ops: `executables` maps each partition to its executable, None where it runs in eager)
     or "eager" (TVM took nothing). `externs` lists (node, implementation, global function name)
     of every node bound to an extern kernel. `lib_bytes` holds the libraries of a loaded program
-    (a library loaded from disk cannot be exported again).
+    (a library loaded from disk cannot be exported again). `tuning` holds the tuning records the
+    builds applied ({"source", "workloads", "records"}, lowering/tuning.py AppliedRecords), or None.
     """
 
     ir: object
@@ -66,6 +77,7 @@ class Artifact:
     unsupported: dict = field(default_factory=dict)
     externs: list = field(default_factory=list)
     lib_bytes: dict = field(default_factory=dict)
+    tuning: dict | None = None
 
     @classmethod
     def of(cls, ir, lowered) -> "Artifact":
@@ -92,13 +104,11 @@ def versions() -> dict:
     the IR for the torch that wrote it, the program for the orca code that made it."""
     import sys
 
-    import tvm
-
     from . import __version__
     from .lowering.selection_cache import code_digest
 
     return {"orca": f"{__version__}+{code_digest()}", "orca_code": package_digest(), "torch": torch.__version__,
-            "tvm": tvm.__version__, "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+            "tvm": tvm_lite.version(), "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
 
 
 _PACKAGE_DIGEST: str | None = None
@@ -223,6 +233,11 @@ def write(compiled, directory: Path, extra: dict | None = None) -> dict:
             warnings.filterwarnings("ignore", message=r".*No complete tensor found.*")
             torch.export.save(to_exported_program(ir.gm), str(directory / IR_FILE))
         ir_files = [IR_FILE]
+    if artifact.tuning:
+        (directory / TUNING_DIR).mkdir()
+        (directory / TUNING_WORKLOADS).write_text(_json_lines(artifact.tuning["workloads"]))
+        (directory / TUNING_RECORDS).write_text(_json_lines(artifact.tuning["records"]))
+        ir_files += [TUNING_WORKLOADS, TUNING_RECORDS]
     for name in ir_files:
         data = (directory / name).read_bytes()
         files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
@@ -242,10 +257,35 @@ def write(compiled, directory: Path, extra: dict | None = None) -> dict:
         "in_spec": pytree.treespec_dumps(compiled.in_spec) if compiled.in_spec is not None else None,
         "out_spec": pytree.treespec_dumps(compiled.out_spec) if compiled.out_spec is not None else None,
         "report": _report_json(compiled.report),
+        "tuning": None if not artifact.tuning else {
+            "source": artifact.tuning["source"], "workloads": len(artifact.tuning["workloads"]),
+            "records": len(artifact.tuning["records"])},
         **(extra or {}),
     }
     (directory / META).write_text(json.dumps(meta, indent=1, default=str))
     return meta
+
+
+def _json_lines(values: list) -> str:
+    return "".join(json.dumps(v) + "\n" for v in values)
+
+
+def _load_tuning(directory: Path, meta: dict) -> dict | None:
+    """The tuning records saved with the program (hash-checked, one JSON value per line)."""
+    if not meta.get("tuning"):
+        return None
+    tables = {}
+    for name in (TUNING_WORKLOADS, TUNING_RECORDS):
+        text = _verified_bytes(directory, name, meta).decode(errors="replace")
+        try:
+            tables[name] = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError:
+            raise LoadError(f"{directory / name} is not meta_schedule's JSON-lines format") from None
+    workloads, records = tables[TUNING_WORKLOADS], tables[TUNING_RECORDS]
+    if any(not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and 0 <= r[0] < len(workloads))
+           for r in records):
+        raise LoadError(f"{directory / TUNING_RECORDS} has a record of no saved workload")
+    return {"source": meta["tuning"].get("source"), "workloads": workloads, "records": records}
 
 
 def replace_dir(staging: Path, final: Path) -> None:
@@ -384,17 +424,63 @@ def _load_ir(directory: Path, meta: dict):
     return ir
 
 
-def _target(meta: dict):
-    import tvm
+class SavedTarget:
+    """A saved program's TVM target as its exported dict; a tvm.target.Target (which imports
+    tvm) is made from it only when something asks for more than `export()`: loading needs only
+    the target's key and kind, saving again only its exported form."""
 
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self._target = None
+
+    def export(self) -> dict:
+        return self.spec
+
+    def real(self):
+        if self._target is None:
+            import tvm
+
+            try:
+                self._target = tvm.target.Target(self.spec)
+            except Exception as exc:
+                raise LoadError(f"the saved target {self.spec!r} is not understood: {_first_line(exc)}") from None
+        return self._target
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("spec", "_target"):
+            raise AttributeError(name)
+        return getattr(self.real(), name)
+
+    def __enter__(self):
+        return self.real().__enter__()
+
+    def __exit__(self, *exc):
+        return self.real().__exit__(*exc)
+
+    def __str__(self) -> str:
+        return str(self.real())
+
+
+def _target(meta: dict):
     from .lowering.target import ResolvedTarget
 
     spec = meta["target"]
-    try:
-        tvm_target = tvm.target.Target(spec["spec"])
-    except Exception as exc:
-        raise LoadError(f"the saved target {spec.get('spec')!r} is not understood: {_first_line(exc)}") from None
-    return ResolvedTarget(tvm_target, spec["kind"], spec["key"])
+    if not isinstance(spec.get("spec"), dict) or spec.get("kind") not in ("cpu", "cuda"):
+        raise LoadError(f"the saved target {spec.get('spec')!r} ({spec.get('kind')!r}) is not understood")
+    return ResolvedTarget(SavedTarget(spec["spec"]), spec["kind"], spec["key"])
+
+
+def _start_vm(module) -> None:
+    """Create the VM of a loaded TVMGraphModule now, as its `_function()` would, but from the
+    library through tvm_ffi (tvm_lite.py) rather than tvm.relax, which imports all of tvm."""
+    if module.target.kind != "cpu":
+        module._function()  # CUDA: checks for the device, which needs tvm
+        return
+    from .threads import configure_tvm_threads
+
+    configure_tvm_threads()  # before the first VM: TVM's pool reads it when it starts
+    module._vm = tvm_lite.virtual_machine(module.executable)
+    module._fn = module._vm[module.name]
 
 
 @contextlib.contextmanager
@@ -403,20 +489,19 @@ def _globals_registered(functions: dict):
     there. The Relax VM resolves the packed functions a library calls when it is created, so the
     saved names (made unique in the process that compiled) are only needed for that moment, and
     never take the place of another live module's functions."""
-    import tvm
     import tvm_ffi
 
-    previous = {name: tvm.get_global_func(name, allow_missing=True) for name in functions}
+    previous = {name: tvm_ffi.get_global_func(name, allow_missing=True) for name in functions}
     try:
         for name, fn in functions.items():
-            tvm.register_global_func(name, fn, override=True)
+            tvm_ffi.register_global_func(name, fn, override=True)
         yield
     finally:
         for name, old in previous.items():
             if old is None:
                 tvm_ffi.remove_global_func(name)
             else:
-                tvm.register_global_func(name, old, override=True)
+                tvm_ffi.register_global_func(name, old, override=True)
 
 
 def _check_partitions(saved: dict, rebuilt: dict, directory: Path) -> None:
@@ -431,7 +516,7 @@ def read(directory, *, check_host: bool = False):
     Every file is checked against its content hash before use and the versions must match; any
     problem is a LoadError. `check_host`: refuse a CPU program built for another CPU than this one.
     """
-    import tvm
+    import tvm_ffi
 
     from .api import index_guards
     from .lowering.extern import bind_extern, impl_named
@@ -447,9 +532,7 @@ def read(directory, *, check_host: bool = False):
         if target.kind == "cuda" and not target.device().exist:
             raise TargetError(f"{directory} was built for CUDA and this machine has no CUDA device")
         if check_host and target.kind == "cpu":
-            from .lowering.target import host_cpu_target
-
-            here, there = host_cpu_target()["mcpu"], str(target.tvm_target.attrs.get("mcpu", ""))
+            here, there = tvm_lite.host_cpu()[0], str(target.tvm_target.export().get("mcpu", ""))
             if there and here != there:
                 raise TargetError(f"{directory} was built for CPU {there!r}, this machine is {here!r}: its code may "
                                   "use instructions this CPU lacks (load(..., check_host=False) runs it anyway)")
@@ -457,6 +540,7 @@ def read(directory, *, check_host: bool = False):
         lib_bytes = {name: _verified_bytes(directory, file, meta)
                      for name, file in program_meta["libraries"].items() if file is not None}
         ir = _load_ir(directory, meta)
+        tuning = _load_tuning(directory, meta)
         nodes = {n.name: n for n in ir.compute_nodes()}
         calls, functions = {}, {}
         for node_name, impl, func_name in program_meta["externs"]:
@@ -464,11 +548,11 @@ def read(directory, *, check_host: bool = False):
                 raise LoadError(f"{directory}: extern kernel node %{node_name} is not in the saved IR")
             call = bind_extern(nodes[node_name], ir.gm, impl_named(impl))
             calls[node_name] = call
-            functions[func_name] = tvm.get_global_func(call.func_name)
+            functions[func_name] = tvm_ffi.get_global_func(call.func_name)
         executables = {name: None for name in program_meta["libraries"]}
         with _quiet_scope_warnings():
             for name in lib_bytes:
-                executables[name] = tvm.runtime.load_module(str(directory / program_meta["libraries"][name]))
+                executables[name] = tvm_lite.load_library(directory / program_meta["libraries"][name])
         kind = program_meta["kind"]
         if kind == "tvm":
             program = TVMGraphModule(executables["main"], target, externs=calls)
@@ -484,7 +568,7 @@ def read(directory, *, check_host: bool = False):
             raise LoadError(f"{directory}: unknown program kind {kind!r}")
         with _globals_registered(functions):
             for module in tvm_modules:
-                module._function()  # creates the VM now, while the saved extern names resolve
+                _start_vm(module)  # the VM resolves the saved extern names when it is created
         signature = [InputSignature(tuple(s["shape"]), getattr(torch, s["dtype"]), s["device"])
                      for s in meta["signature"]]
         seconds = time.perf_counter() - start
@@ -497,7 +581,7 @@ def read(directory, *, check_host: bool = False):
         raise LoadError(f"{directory} could not be loaded: {_first_line(exc)}") from exc
     compiled.executables = [e for e in executables.values() if e is not None]
     compiled.artifact = Artifact(ir, target, kind, executables, program_meta["partitions"], program_meta["unsupported"],
-                                 [tuple(e) for e in program_meta["externs"]], lib_bytes)
+                                 [tuple(e) for e in program_meta["externs"]], lib_bytes, tuning)
     return compiled, meta
 
 

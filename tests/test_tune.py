@@ -275,3 +275,78 @@ def test_cli_usage_errors(capsys, tmp_path):
     if MISSING is None and not torch.cuda.is_available():
         assert main(["tune", "mlp", "--target", "cuda", "--db", str(tmp_path)]) == 2
         assert "no local cuda device" in capsys.readouterr().err
+
+
+BUDGET_S = 12.0
+# The budget is checked after each round of `trials_per_round` candidates (and the compiles that
+# find the tasks are not cut short), so a run may overshoot it by one round: with 2 candidates,
+# builds and runs bounded by timeout_s=10, a round is at most ~40 s; measured 5-15 s here.
+BUDGET_SLACK_S = 40.0
+
+
+@needs_tuning_deps
+def test_time_budget_stops_the_run_and_keeps_what_finished(tmp_path):
+    import orca_compiler
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(48, 48)).eval(), torch.randn(4, 48)
+    db = tmp_path / "db"
+    start = time.monotonic()
+    report = orca_compiler.tune(model, (x,), trials=1000, time_budget=BUDGET_S, trials_per_round=2, timeout_s=10,
+                                db=db, compare=False, progress=False)
+    wall = time.monotonic() - start
+    assert report.stopped_by == "time budget spent", report
+    assert report.seconds <= wall <= BUDGET_S + BUDGET_SLACK_S, (wall, report)
+    lines = _record_lines(db)
+    # every trial that finished is in the database, one valid JSON line each, none lost
+    assert len(lines) == report.trials_run == report.trials_total < 1000
+    assert all(isinstance(json.loads(line), list) for line in lines)
+    assert sum(t.records for t in report.tasks) == len(lines)
+    if lines:  # (none when finding the tasks alone outlasted the budget on a very busy machine)
+        # a rerun continues from those records instead of starting over
+        again = orca_compiler.tune(model, (x,), trials=len(lines), db=db, compare=False, progress=False)
+        assert again.trials_before == len(lines) and again.trials_run == 0
+        assert again.stopped_by == "trials reached already: nothing to do"
+
+
+@needs_tuning_deps
+def test_l3_entry_carries_the_records_its_build_applied(resumed, tmp_path):
+    import orca_compiler as oc
+    from orca_compiler import compile_cache, serialize
+
+    db, store = resumed["db"], tmp_path / "l3"
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval(), torch.randn(4, 64)
+    options = dict(kernels="tvm", tuning_db=db, cache="on", cache_dir=store)
+    compile_cache.clear_memory()
+    compiled = oc.compile(model, (x,), **options)
+    entry = store / compiled.report.cache.key
+    folder = entry / serialize.TUNING_DIR
+    meta = json.loads((entry / serialize.META).read_text())
+    assert {serialize.TUNING_WORKLOADS, serialize.TUNING_RECORDS} <= set(meta["files"])
+    # meta_schedule's JSON-lines files, which it reads as a database (a plain work_dir)
+    assert tuning.count_records(folder) == meta["tuning"]["records"] > 0
+    lines = lambda path: [json.loads(l) for l in path.read_text().splitlines() if l.strip()]  # noqa: E731
+    workloads, records = lines(folder / tuning_db.WORKLOAD_FILE), lines(folder / tuning_db.RECORD_FILE)
+    # exactly the database's records of the workloads the build applied: the Linear's one kernel
+    raw = tuning_db.RawDatabase.read(next(db.glob("*/target.json")).parent)
+    assert len(workloads) == meta["tuning"]["workloads"] == 1 and workloads[0] in raw.workloads
+    expected = sorted(json.dumps(rec) for i, rec in raw.records if raw.workloads[i] == workloads[0])
+    assert sorted(json.dumps(rec) for _, rec in records) == expected and len(expected) == TRIALS
+    # and they rebuild the same tuned kernel on their own
+    assert _applied(folder, resolve_target("llvm")) == 1
+    # an L3 hit keeps them, and saving the loaded module writes them again
+    compile_cache.clear_memory()
+    again = oc.compile(model, (x,), **options)
+    assert again.report.cache.served == "L3" and again.artifact.tuning["records"] == records
+    again.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / serialize.TUNING_RECORDS).read_text() == (folder / tuning_db.RECORD_FILE).read_text()
+    # records altered on disk make the entry invalid like any other file
+    (folder / tuning_db.RECORD_FILE).write_text("[0, not json]\n")
+    compile_cache.clear_memory()
+    rebuilt = oc.compile(model, (x,), **options)
+    events = rebuilt.report.cache.events
+    assert rebuilt.report.cache.served == "compile" and any(
+        "rebuilt" in e and tuning_db.RECORD_FILE in e for e in events), events
+    torch.testing.assert_close(rebuilt(x)[0] if isinstance(rebuilt(x), tuple) else rebuilt(x), model(x))
+    assert tuning.count_records(folder) == TRIALS  # written whole again

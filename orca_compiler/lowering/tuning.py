@@ -344,6 +344,8 @@ def apply_database(mod, target, work_dir: str | Path):
     if records_dir is None:
         _warn_no_records(Path(work_dir), target)
     database = load_database(records_dir) if records_dir is not None else ms.database.MemoryDatabase()
+    if records_dir is not None and _APPLIED:
+        database = _noting_database(database, records_dir)
     prepared = prepare_for_tuning(mod, target)
     for recorder in _RECORDERS:
         recorder.append(prepared)
@@ -383,3 +385,98 @@ def recording_modules():
         yield modules
     finally:
         _RECORDERS.remove(modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# which records a compile applied (kept with its L3 entry / saved program)
+
+
+class AppliedRecords:
+    """The tuning records the builds apply while it is open: for each records folder read, the
+    workloads (TVM's structural-hash strings) that had a record. `subset()` is then the part of
+    that folder those workloads own, in meta_schedule's JSON-lines form, so a saved program says
+    which schedules it was built with and can be rebuilt from them (`tuning_db=<its folder>`).
+
+    Kernel-selection probes apply records too (a probe's tuned latency decided the choice), so
+    they count as used. Open recorders see every build in the process, a concurrent compile's
+    included.
+    """
+
+    def __init__(self):
+        self.found: dict[str, set[str]] = {}
+
+    def open(self) -> "AppliedRecords":
+        _APPLIED.append(self)
+        return self
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            _APPLIED.remove(self)
+
+    def note(self, records_dir: Path, shash: str) -> None:
+        self.found.setdefault(str(records_dir), set()).add(shash)
+
+    def subset(self) -> dict | None:
+        """{"source", "workloads", "records"} of the folder whose records were applied (records
+        renumbered to the subset's workload table), or None when no record was applied."""
+        if not self.found:
+            return None
+        source, wanted = next(iter(self.found.items()))  # one tuning_db and target per compile
+        raw = tuning_db.RawDatabase.read(source)
+        keep = {i: w for i, w in enumerate(raw.workloads) if str(w[0]) in wanted}
+        index = {i: n for n, i in enumerate(keep)}
+        return {"source": source, "workloads": list(keep.values()),
+                "records": [[index[i], rec] for i, rec in raw.records if i in index]}
+
+
+_APPLIED: list[AppliedRecords] = []
+
+
+def _noting_database(inner, records_dir: Path):
+    """`inner` (a Database) behind a proxy that tells the open AppliedRecords which workloads
+    MetaScheduleApplyDatabase found a record for."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    def note(record):
+        if record is not None:
+            shash = str(record.workload.as_json()[0])
+            for recorder in list(_APPLIED):
+                recorder.note(Path(records_dir), shash)
+        return record
+
+    @derived_object
+    class NotingDatabase(ms.database.PyDatabase):
+        def __init__(self):
+            super().__init__()
+
+        def has_workload(self, mod):
+            return inner.has_workload(mod)
+
+        def commit_workload(self, mod):
+            return inner.commit_workload(mod)
+
+        def commit_tuning_record(self, record):
+            inner.commit_tuning_record(record)
+
+        def get_top_k(self, workload, top_k):
+            return inner.get_top_k(workload, top_k)
+
+        def get_all_tuning_records(self):
+            return inner.get_all_tuning_records()
+
+        def query_tuning_record(self, mod, target, workload_name):
+            return note(inner.query_tuning_record(mod, target, workload_name))
+
+        def query_schedule(self, mod, target, workload_name):
+            note(inner.query_tuning_record(mod, target, workload_name))
+            return inner.query_schedule(mod, target, workload_name)
+
+        def query_ir_module(self, mod, target, workload_name):
+            note(inner.query_tuning_record(mod, target, workload_name))
+            return inner.query_ir_module(mod, target, workload_name)
+
+        def __len__(self):
+            return len(inner)
+
+    return NotingDatabase()

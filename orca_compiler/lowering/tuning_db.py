@@ -45,14 +45,17 @@ class TuningError(OrcaError):
 # target keys
 
 
-def _versions() -> dict:
-    import tvm
-
+def _ffi_version() -> str:
     try:
-        ffi = importlib.metadata.version("apache-tvm-ffi")
+        return importlib.metadata.version("apache-tvm-ffi")
     except importlib.metadata.PackageNotFoundError:
-        ffi = "bundled"
-    return {"tvm": tvm.__version__, "tvm_ffi": ffi}
+        return "bundled"
+
+
+def _versions() -> dict:
+    from .. import tvm_lite
+
+    return {"tvm": tvm_lite.version(), "tvm_ffi": _ffi_version()}
 
 
 def _plain(value):
