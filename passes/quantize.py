@@ -197,15 +197,7 @@ def _calibration_data(ctx: PassContext) -> list:
 def observe(ir: GraphIR, ctx: PassContext, nodes: set[fx.Node], observer: str, percentile: float) -> dict[fx.Node, float]:
     """The int8 scale of each activation in `nodes` over the calibration data."""
     samples: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in nodes}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            if n in samples and isinstance(result, torch.Tensor):
-                samples[n].append(result.detach().abs().flatten().float())
-            return result
-
-    _run_calibration(ir, Recorder, _calibration_data(ctx))
+    _record(ir, _calibration_data(ctx), nodes, lambda n, value: samples[n].append(value.abs().flatten().float()))
     return {n: _scale(torch.cat(values), observer, percentile) for n, values in samples.items() if values}
 
 
@@ -213,27 +205,32 @@ def channel_maxima(ir: GraphIR, data: list, nodes: set[fx.Node]) -> dict[fx.Node
     """max |x| per last-dimension channel of each activation in `nodes`, over `data` (input tuples)."""
     maxima: dict[fx.Node, torch.Tensor] = {}
 
+    def take(n: fx.Node, value: torch.Tensor) -> None:
+        current = value.abs().reshape(-1, value.shape[-1]).amax(0).float()
+        maxima[n] = current if n not in maxima else torch.maximum(maxima[n], current)
+
+    _record(ir, data, nodes, take)
+    return maxima
+
+
+def _record(ir: GraphIR, data: list, nodes: set[fx.Node], take) -> None:
+    """Run the IR on every input tuple of `data`, calling `take(node, value)` with the tensor value
+    of each node in `nodes`; an item the graph cannot take (another batch size than the example
+    inputs' static shapes) is a PassInputError."""
+
     class Recorder(fx.Interpreter):
         def run_node(self, n):
             result = super().run_node(n)
             if n in nodes and isinstance(result, torch.Tensor):
-                current = result.detach().abs().reshape(-1, result.shape[-1]).amax(0).float()
-                maxima[n] = current if n not in maxima else torch.maximum(maxima[n], current)
+                take(n, result.detach())
             return result
 
-    _run_calibration(ir, Recorder, data)
-    return maxima
-
-
-def _run_calibration(ir: GraphIR, recorder: type, data: list) -> None:
-    """Run `recorder` (an fx.Interpreter) over every input tuple of `data`; an item the graph
-    cannot take (another batch size than the example inputs' static shapes) is a PassInputError."""
     ir.recompile()
     with torch.no_grad():
         for index, item in enumerate(data):
             tensors = [t for t in pytree.tree_leaves(item) if isinstance(t, torch.Tensor)]
             try:
-                recorder(ir.gm).run(*tensors)
+                Recorder(ir.gm).run(*tensors)
             except Exception as exc:
                 shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
                 raise PassInputError(f"quantize: calibration item {index} (shapes {shapes}) does not run through the "

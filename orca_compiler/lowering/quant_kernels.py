@@ -67,29 +67,23 @@ def _restore_rows(importer, out, lead, n: int):
     return importer.block_builder.emit(rx.op.reshape(out, [*lead, n]))
 
 
+def _nibble(byte, shift):
+    """The float32 int4 value in bits [shift, shift + 4) of a packed (uint8) weight byte."""
+    from tvm import tirx
+
+    bits = tirx.bitwise_and(tirx.shift_right(byte.astype("int32"), shift), tirx.const(15, "int32"))
+    return (bits - quant.INT4_OFFSET).astype("float32")
+
+
 def _int4_pair(w):
     """(low, high) float32 values of byte (k2, j) of a packed int4 `[K/2, N]` weight: columns
     2*k2 and 2*k2 + 1, each a constant shift and mask (so a vector of bytes unpacks in registers)."""
-    from tvm import tirx
-
-    def nibble(k2, j, shift):
-        byte = w[k2, j].astype("int32")
-        return (tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "int32")) - quant.INT4_OFFSET).astype(
-            "float32")
-
-    return (lambda k2, j: nibble(k2, j, 0)), (lambda k2, j: nibble(k2, j, 4))
+    return (lambda k2, j: _nibble(w[k2, j], 0)), (lambda k2, j: _nibble(w[k2, j], 4))
 
 
 def _int4_column(w):
     """The float32 value of column k, row j of a packed int4 `[K/2, N]` weight (shift by k's parity)."""
-    from tvm import tirx
-
-    def value(k, j):
-        byte = w[k // 2, j].astype("int32")
-        nibble = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), tirx.const(15, "int32"))
-        return (nibble - quant.INT4_OFFSET).astype("float32")
-
-    return value
+    return lambda k, j: _nibble(w[k // 2, j], (k % 2) * 4)
 
 
 def _linear_wq_te(x, w, scales, *rest, bits: int, group: int, cols: int, pairs: bool = True):
@@ -122,6 +116,7 @@ def _linear_wq_te(x, w, scales, *rest, bits: int, group: int, cols: int, pairs: 
 
 def convert_linear_wq(node: fx.Node, importer):
     """orca.linear_wq -> a dequantize-in-registers matmul on the transposed integer weight."""
+    import tvm
     from tvm import relax as rx
 
     x, qweight, scales, bias, bits, group = node.args
@@ -134,8 +129,6 @@ def convert_linear_wq(node: fx.Node, importer):
     operands = [flat, rx.const(weight.numpy()), rx.const(scale.numpy())]
     if bias is not None:
         operands.append(importer.env[bias])
-    import tvm
-
     target = tvm.target.Target.current(allow_none=True)
     pairs = target is None or target.kind.name == "llvm"
     out = importer.block_builder.emit_te(functools.partial(_linear_wq_te, bits=bits, group=group, cols=cols, pairs=pairs),
@@ -144,19 +137,14 @@ def convert_linear_wq(node: fx.Node, importer):
 
 
 def _embedding_wq_te(w, scales, indices, *, bits: int, cols: int):
-    from tvm import te, tirx
+    from tvm import te
 
     shape = list(indices.shape)
 
     def value(*index):
         *idx, d = index
         row = indices[tuple(idx)].astype("int64")
-        if bits == 8:
-            q = w[row, d].astype("float32")
-        else:
-            byte = w[row, d // 2].astype("int32")
-            nibble = tirx.bitwise_and(tirx.shift_right(byte, (d % 2) * 4), tirx.const(15, "int32"))
-            q = (nibble - quant.INT4_OFFSET).astype("float32")
+        q = w[row, d].astype("float32") if bits == 8 else _nibble(w[row, d // 2], (d % 2) * 4)
         return q * scales[row, 0]
 
     return te.compute((*shape, cols), value, name="embedding")
@@ -196,6 +184,19 @@ def _round_int8(value):
     return te.min(te.max(te.round(value), -top), top).astype("int8")
 
 
+def _int8_epilogue(acc_value, scale, bias_value, activation: str, out_scale: float):
+    """int32 accumulator -> `acc * scale (+ bias)`, the activation, and a requantize to int8 when
+    `out_scale > 0` (else the float32 value): the static and dynamic ops' shared epilogue."""
+    from tvm import te
+
+    value = acc_value.astype("float32") * scale
+    if bias_value is not None:
+        value = value + bias_value
+    if activation == "relu":
+        value = te.max(value, 0.0)
+    return _round_int8(value / float(out_scale)) if out_scale > 0 else value
+
+
 def _int8_matmul_te(xq, w, *operands, x_scale=None, per_row_scale: bool, has_bias: bool, out_scale: float,
                     activation: str):
     """int8 `[M, K]` x int8 `[K, N]` -> int32, then `acc * x_scale * wscale[n] (+ bias)`, the
@@ -213,13 +214,8 @@ def _int8_matmul_te(xq, w, *operands, x_scale=None, per_row_scale: bool, has_bia
                      name="acc")
 
     def epilogue(i, j):
-        value = acc[i, j].astype("float32") * wscale[j]
-        value = value * (row_scale[i] if per_row_scale else float(x_scale))
-        if bias is not None:
-            value = value + bias[j]
-        if activation == "relu":
-            value = te.max(value, 0.0)
-        return _round_int8(value / float(out_scale)) if out_scale > 0 else value
+        scale = wscale[j] * (row_scale[i] if per_row_scale else float(x_scale))
+        return _int8_epilogue(acc[i, j], scale, None if bias is None else bias[j], activation, out_scale)
 
     return te.compute((rows, n), epilogue, name="out")
 
@@ -273,12 +269,8 @@ def _conv_epilogue_te(acc, wscale, *rest, x_scale: float, out_scale: float, acti
     bias = rest[0] if rest else None
 
     def epilogue(b, c, h, w):
-        value = acc[b, c, h, w].astype("float32") * (wscale[c] * float(x_scale))
-        if bias is not None:
-            value = value + bias[c]
-        if activation == "relu":
-            value = te.max(value, 0.0)
-        return _round_int8(value / float(out_scale)) if out_scale > 0 else value
+        return _int8_epilogue(acc[b, c, h, w], wscale[c] * float(x_scale), None if bias is None else bias[c],
+                              activation, out_scale)
 
     return te.compute(acc.shape, epilogue, name="out")
 

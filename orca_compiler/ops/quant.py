@@ -151,14 +151,8 @@ def conv2d_q_impl(xq: Tensor, x_scale: float, qweight: Tensor, wscale: Tensor, b
                   stride: list[int], padding: list[int], dilation: list[int], groups: int, out_scale: float,
                   activation: str) -> Tensor:
     acc = torch.nn.functional.conv2d(xq.double(), qweight.double(), None, stride, padding, dilation, groups) * x_scale
-    scale = wscale.double().reshape(1, -1, 1, 1)
-    out = acc * scale
-    if bias is not None:
-        out = out + bias.double().reshape(1, -1, 1, 1)
-    out = out.float()
-    if activation == "relu":
-        out = out.clamp_min(0)
-    return quantize_tensor(out, out_scale) if out_scale > 0 else out
+    # the linear ops' epilogue, with channels last so that scale and bias broadcast over them
+    return _epilogue(acc.movedim(1, -1), wscale, bias, out_scale, activation).movedim(-1, 1).contiguous()
 
 
 # -- shape functions -------------------------------------------------------------------------------
