@@ -1,16 +1,22 @@
 """Quantization: integer weights (and activations) that the compiled code really computes with.
 
 `quantize{mode=weight-only|dynamic|static,dtype=int8|int4,...}` rewrites the model's linear,
-conv2d and embedding layers into the quantized ops of ops/quant.py, whose TVM kernels
-(lowering/quant_kernels.py) compute on the integers; the float32 weights leave the program.
+conv2d and embedding layers, and the recurrent weights of LSTM/GRU scans, into the quantized ops
+of ops/quant.py and ops/rnn.py, whose TVM kernels (lowering/quant_kernels.py,
+quant_conv_kernels.py, rnn_kernels.py) compute on the integers; the float32 weights leave the
+program.
 
 - **weight-only** (int8 or int4, `granularity=per-channel` or `per-group` with `group` columns a
-  scale): linear -> `orca.linear_wq`, embedding -> `orca.embedding_wq` (per row). Activations stay
-  float32; the dequantization happens in registers inside the matmul. The RNN input projections
-  that `decompose-rnn` made linears are covered; the recurrent weights (`W_hh`, inside the scan
-  kernels) are not quantized. Conv weights are not (a conv is compute-bound: weight-only does not
-  pay there; use static).
-- **dynamic** (int8): linear -> `orca.linear_dq` (embeddings as in weight-only); each row of the activation gets its scale at run
+  scale): linear -> `orca.linear_wq`, embedding -> `orca.embedding_wq` (per row), conv2d ->
+  `orca.conv2d_wq` (the weight flattened to `[O, C/groups*kh*kw]`; int8 per output channel, int4
+  always in groups of `group` of those input values), and the `W_hh` of the scans that
+  `decompose-rnn` made -> `orca.lstm_scan_q` / `orca.gru_scan_q` (per gate column, or per group
+  of `group` state features). Activations stay float32; the dequantization happens in registers
+  inside the matmul and the scans' GEMV, and for convs in a per-call prologue of the conv's own
+  kernel (faster than in registers there, see quant_conv_kernels.py). The RNN input projections
+  that `decompose-rnn` made linears are covered like any linear.
+- **dynamic** (int8): linear -> `orca.linear_dq` (embeddings and `W_hh` as in weight-only int8:
+  the recurrent state stays float32); each row of the activation gets its scale at run
   time. For linear-heavy models (transformers, RNN input projections). With `smooth=alpha` (0.5
   by default; 0 turns it off) the activation outliers are first migrated into the weight, as
   SmoothQuant does: input channel k is divided by `s_k = max|x_k|^alpha / max|W[:, k]|^(1-alpha)`
@@ -52,6 +58,7 @@ from orca_compiler.errors import PassInputError
 from orca_compiler.ir import GraphIR
 from orca_compiler.ops import fused
 from orca_compiler.ops import quant
+from orca_compiler.ops import rnn as rnn_ops
 from orca_compiler.ops.pointwise import Input, Result, Step, arguments, format_program
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
 
@@ -86,7 +93,7 @@ class Layer:
     """One quantizable layer: its node, kind, name and operands (fused epilogues unpacked)."""
 
     node: fx.Node
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # "linear" | "conv" | "embedding" | "rnn" (the recurrent weight of an LSTM/GRU scan)
     name: str
     x: fx.Node
     weight: fx.Node
@@ -128,6 +135,8 @@ def layer_of(node: fx.Node) -> Layer | None:
     elif node.target is aten.embedding.default:
         w, indices = node.args[:2]
         layer = Layer(node, "embedding", name, indices, w)
+    elif node.target in (rnn_ops.LSTM_SCAN, rnn_ops.GRU_SCAN):
+        layer = Layer(node, "rnn", name, node.args[0], node.args[1])  # x: xproj, weight: W_hh^T
     else:
         return None
     weight_val = layer.weight.meta.get("val") if isinstance(layer.weight, fx.Node) else None
@@ -299,6 +308,10 @@ class _Rewriter:
 
     def weight_only(self, layer: Layer, dtype: str) -> None:
         bits = 8 if dtype == "int8" else 4
+        if layer.kind == "rnn":
+            return self.recurrent(layer, bits)
+        if layer.kind == "conv":
+            return self.conv_weight_only(layer, bits)
         w = self.weight(layer)
         if layer.kind == "embedding":
             qweight, scales = quant.quantize_weight(w, bits, None)
@@ -315,6 +328,51 @@ class _Rewriter:
                 group = -(-w.shape[1] // scales.shape[1])
                 new = self.ir.create_node(quant.LINEAR_WQ, (layer.x, q_node, s_node, layer.bias, bits, group),
                                           name=f"{layer.node.name}_q")
+        self.replace(layer, new)
+
+    def recurrent(self, layer: Layer, bits: int) -> None:
+        """An LSTM/GRU scan's W_hh (stored transposed, `[H, gates*H]`) -> the quantized scan, its
+        W_hh stored as a weight-only linear's (`[gates*H, H]`, one scale per gate column and group
+        of `group` state features)."""
+        w_hh = self.weight(layer).t()
+        hidden = w_hh.shape[1]
+        qweight, scales = quant.quantize_weight(w_hh, bits, self.group_for(hidden))
+        group = -(-hidden // scales.shape[1])
+        self.stats["bytes_before"] += _bytes(w_hh)
+        self.stats["bytes_after"] += _bytes(qweight, scales)
+        node = layer.node
+        with self.ir.graph.inserting_before(node):
+            base = str(layer.weight.target).removesuffix("_t")  # stored untransposed, as a linear's weight
+            q_node = self.ir.add_weight(f"{base}_q{bits}", qweight)
+            s_node = self.ir.add_weight(f"{base}_scale", scales)
+            if node.target is rnn_ops.LSTM_SCAN:
+                xproj, _, h0, c0, *flags = node.args
+                new = self.ir.create_node(rnn_ops.LSTM_SCAN_Q, (xproj, q_node, s_node, h0, c0, bits, group, *flags),
+                                          name=f"{node.name}_q")
+            else:
+                xproj, _, b_hn, h0, *flags = node.args
+                new = self.ir.create_node(rnn_ops.GRU_SCAN_Q, (xproj, q_node, s_node, b_hn, h0, bits, group, *flags),
+                                          name=f"{node.name}_q")
+        self.replace(layer, new)
+
+    def conv_weight_only(self, layer: Layer, bits: int) -> None:
+        """A conv2d's weight `[O, C/groups, kh, kw]`, flattened to `[O, K]` (K in (c, kh, kw)
+        order) and quantized like a linear's: int8 per output channel (or per group with
+        granularity=per-group), int4 always in groups of `group` of those K input values."""
+        w = self.weight(layer)
+        flat = w.reshape(w.shape[0], -1)
+        cols = flat.shape[1]
+        group = min(self.opts.group, cols) if bits == 4 else self.group_for(cols)
+        qweight, scales = quant.quantize_weight(flat, bits, group)
+        group = -(-cols // scales.shape[1])
+        self.stats["bytes_before"] += _bytes(w)
+        self.stats["bytes_after"] += _bytes(qweight, scales)
+        stride, padding, dilation, groups = layer.conv_args
+        with self.ir.graph.inserting_before(layer.node):
+            q_node = self.ir.add_weight(f"{layer.weight.target}_q{bits}", qweight)
+            s_node = self.ir.add_weight(f"{layer.weight.target}_scale", scales)
+            args = (layer.x, q_node, s_node, layer.bias, list(w.shape), stride, padding, dilation, groups, bits, group)
+            new = self.ir.create_node(quant.CONV2D_WQ, args, name=f"{layer.node.name}_q")
         self.replace(layer, new)
 
     def int8_weight(self, layer: Layer, column_factor: torch.Tensor | None = None) -> tuple[fx.Node, fx.Node]:
@@ -431,7 +489,7 @@ def _fold_requantize(ir: GraphIR) -> int:
 
 @register_pass
 class Quantize(Pass):
-    """Quantize linear / conv / embedding layers to int8 or int4 (weight-only, dynamic or static)."""
+    """Quantize linear / conv / embedding layers and LSTM/GRU W_hh to int8 or int4 (weight-only, dynamic, static)."""
 
     name = "quantize"
     Options = QuantizeOptions
@@ -471,8 +529,10 @@ class Quantize(Pass):
                                      "quantizes to int8 only")
             if opts.mode == "weight-only":
                 rewriter.weight_only(layer, dtype)
-            elif opts.mode == "dynamic" and layer.kind == "embedding":
-                rewriter.weight_only(layer, dtype)  # a table lookup: nothing to quantize at run time
+            elif opts.mode == "dynamic" and layer.kind in ("embedding", "rnn"):
+                # a table lookup: nothing to quantize at run time; a recurrent GEMV: the state stays
+                # float32 (a per-step row quantization measured slower, see docs/quantization.md)
+                rewriter.weight_only(layer, dtype)
             elif opts.mode == "dynamic":
                 rewriter.dynamic(layer, maxima.get(layer.node))
             else:
@@ -489,9 +549,9 @@ class Quantize(Pass):
 
     def _takes(self, layer: Layer) -> bool:
         if self.options.mode == "weight-only":
-            return layer.kind in ("linear", "embedding")
+            return layer.kind in ("linear", "embedding", "conv", "rnn")
         if self.options.mode == "dynamic":
-            return layer.kind in ("linear", "embedding")
+            return layer.kind in ("linear", "embedding", "rnn")
         return layer.kind in ("linear", "conv")
 
 

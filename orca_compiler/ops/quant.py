@@ -8,6 +8,11 @@ Integers are symmetric (zero point 0) everywhere: int8 in [-127, 127], int4 in [
   consecutive input columns (group = K: per channel).
 - `orca::embedding_wq(qweight, scales, indices, bits)`: an embedding whose table is quantized
   like a weight-only linear's, one scale per row (`scales: [V, 1]`).
+- `orca::conv2d_wq(x, qweight, scales, bias?, weight_shape, stride, padding, dilation, groups, bits,
+  group)`: weight-only quantized conv2d, `conv2d(x, dequantize(qweight).reshape(weight_shape), bias)`.
+  The weight `[O, C/groups, kh, kw]` is stored flattened to `[O, K]` (K = C/groups * kh * kw, in
+  (c, kh, kw) order) and quantized like linear_wq's: int8 `[O, K]` or uint8 `[O, ceil(K/2)]`,
+  scales `[O, ceil(K/group)]`.
 - `orca::linear_dq(x, qweight, wscale, bias?, smooth?)`: dynamic int8 linear. Each row of `x`
   (times `smooth`, a per-input-channel factor `[K]` when given) is quantized at run time with its
   own scale (absmax / 127), multiplied with the int8 weight (per-output-channel `wscale: [N]`,
@@ -115,6 +120,14 @@ def linear_wq_impl(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | No
     return torch.nn.functional.linear(x, dequantize_weight(qweight, scales, bits, x.shape[-1]), bias)
 
 
+def conv2d_wq_impl(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, weight_shape: list[int],
+                   stride: list[int], padding: list[int], dilation: list[int], groups: int, bits: int,
+                   group: int) -> Tensor:
+    cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    weight = dequantize_weight(qweight, scales, bits, cols).reshape(weight_shape)
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
 def embedding_wq_impl(qweight: Tensor, scales: Tensor, indices: Tensor, bits: int) -> Tensor:
     rows = qweight[indices]
     cols = rows.shape[-1] * (2 if bits == 4 else 1)
@@ -169,6 +182,18 @@ def _linear_wq_fake(x, qweight, scales, bias, bits, group):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
 
+def _conv2d_wq_fake(x, qweight, scales, bias, weight_shape, stride, padding, dilation, groups, bits, group):
+    _check(bits in (4, 8), "conv2d_wq", f"bits must be 4 or 8, got {bits}")
+    _check(len(weight_shape) == 4, "conv2d_wq", f"weight_shape must be [O, C/groups, kh, kw], got {weight_shape}")
+    cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    stored = qweight.shape[1] * (2 if bits == 4 else 1)
+    _check(qweight.shape[0] == weight_shape[0] and stored in (cols, cols + 1), "conv2d_wq",
+           f"the quantized weight {list(qweight.shape)} ({bits}-bit) does not hold {weight_shape}")
+    _check(scales.shape == (weight_shape[0], -(-cols // group)), "conv2d_wq",
+           f"scales {list(scales.shape)} do not match groups of {group} of {cols} input values")
+    return torch.nn.functional.conv2d(x, x.new_empty(weight_shape), None, stride, padding, dilation, groups)
+
+
 def _embedding_wq_fake(qweight, scales, indices, bits):
     cols = qweight.shape[1] * (2 if bits == 4 else 1)
     return scales.new_empty((*indices.shape, cols), dtype=torch.float32)
@@ -211,6 +236,7 @@ def _define(name: str, impl, fake):
 
 LINEAR_WQ = _define("linear_wq", linear_wq_impl, _linear_wq_fake)
 EMBEDDING_WQ = _define("embedding_wq", embedding_wq_impl, _embedding_wq_fake)
+CONV2D_WQ = _define("conv2d_wq", conv2d_wq_impl, _conv2d_wq_fake)
 LINEAR_DQ = _define("linear_dq", linear_dq_impl, _linear_dq_fake)
 QUANTIZE = _define("quantize", quantize_impl, _quantize_fake)
 DEQUANTIZE = _define("dequantize", dequantize_impl, _dequantize_fake)
@@ -218,10 +244,10 @@ LINEAR_Q = _define("linear_q", linear_q_impl, _linear_q_fake)
 CONV2D_Q = _define("conv2d_q", conv2d_q_impl, _conv2d_q_fake)
 
 # The eager code of each op, called directly by the lowering's "torch" candidate.
-EAGER = {LINEAR_WQ: linear_wq_impl, EMBEDDING_WQ: embedding_wq_impl, LINEAR_DQ: linear_dq_impl,
+EAGER = {LINEAR_WQ: linear_wq_impl, EMBEDDING_WQ: embedding_wq_impl, CONV2D_WQ: conv2d_wq_impl, LINEAR_DQ: linear_dq_impl,
          QUANTIZE: quantize_impl, DEQUANTIZE: dequantize_impl, LINEAR_Q: linear_q_impl, CONV2D_Q: conv2d_q_impl}
 
 # The heavy quantized ops: their kernel is chosen by measurement (an integer kernel against
 # float32 kernels on the dequantized weight).
-HEAVY = frozenset({LINEAR_WQ, LINEAR_DQ, LINEAR_Q, CONV2D_Q})
+HEAVY = frozenset({LINEAR_WQ, LINEAR_DQ, LINEAR_Q, CONV2D_Q, CONV2D_WQ})
 QUANT_OP_NAMES = frozenset(f"orca.{op._opname}" for op in HEAVY)

@@ -15,6 +15,17 @@ torch applies `b_hn` inside the reset gate: `n = tanh(x_n + r * (W_hn h + b_hn))
 `out` has the layout of `xproj` with H features; `reverse` runs the time steps backwards (and
 writes each step's output at its own time index), as torch's reverse direction does.
 
+The quantize pass (weight-only and dynamic modes) turns them into
+
+- `orca::lstm_scan_q(xproj, qweight, scales, h0, c0, bits, group, reverse, column, batch_first)`
+- `orca::gru_scan_q(xproj, qweight, scales, b_hn, h0, bits, group, reverse, column, batch_first)`
+
+whose W_hh is stored as a weight-only linear's weight (ops/quant.py, `linear_wq`): `qweight` int8
+`[gates*H, H]` or uint8 `[gates*H, ceil(H/2)]` (int4, two a byte), `scales` float32
+`[gates*H, ceil(H/group)]` (one scale per gate column and group of `group` state features). Their
+reference semantics are the float scans on the dequantized weight; the kernels dequantize in
+registers inside each step's GEMV.
+
 The eager implementations loop in Python (reference semantics, and eager fallback); the lowering
 (lowering/rnn_kernels.py) turns each op into one TVM kernel with the time loop inside.
 """
@@ -43,10 +54,8 @@ def _order(steps: int, reverse: bool) -> range:
     return range(steps - 1, -1, -1) if reverse else range(steps)
 
 
-@torch.library.custom_op("orca::lstm_scan", mutates_args=())
-def lstm_scan(xproj: Tensor, w_hh_t: Tensor, h0: Tensor, c0: Tensor, reverse: bool, column: int,
-              batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM direction over all steps (see the module docstring for the layouts)."""
+def _lstm_reference(xproj: Tensor, w_hh_t: Tensor, h0: Tensor, c0: Tensor, reverse: bool, column: int,
+                    batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
     hidden = w_hh_t.shape[0]
     steps = _time_steps(xproj, batch_first)
     h, c = h0, c0
@@ -61,10 +70,8 @@ def lstm_scan(xproj: Tensor, w_hh_t: Tensor, h0: Tensor, c0: Tensor, reverse: bo
     return out, h.clone(), c.clone()
 
 
-@torch.library.custom_op("orca::gru_scan", mutates_args=())
-def gru_scan(xproj: Tensor, w_hh_t: Tensor, b_hn: Tensor, h0: Tensor, reverse: bool, column: int,
-             batch_first: bool) -> tuple[Tensor, Tensor]:
-    """One GRU direction over all steps (see the module docstring for the layouts)."""
+def _gru_reference(xproj: Tensor, w_hh_t: Tensor, b_hn: Tensor, h0: Tensor, reverse: bool, column: int,
+                   batch_first: bool) -> tuple[Tensor, Tensor]:
     hidden = w_hh_t.shape[0]
     steps = _time_steps(xproj, batch_first)
     h = h0
@@ -85,6 +92,69 @@ def _out_shape(xproj: Tensor, hidden: int, batch_first: bool) -> tuple:
     return (*xproj.shape[:2], hidden)
 
 
+@torch.library.custom_op("orca::lstm_scan", mutates_args=())
+def lstm_scan(xproj: Tensor, w_hh_t: Tensor, h0: Tensor, c0: Tensor, reverse: bool, column: int,
+              batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM direction over all steps (see the module docstring for the layouts)."""
+    return _lstm_reference(xproj, w_hh_t, h0, c0, reverse, column, batch_first)
+
+
+@torch.library.custom_op("orca::gru_scan", mutates_args=())
+def gru_scan(xproj: Tensor, w_hh_t: Tensor, b_hn: Tensor, h0: Tensor, reverse: bool, column: int,
+             batch_first: bool) -> tuple[Tensor, Tensor]:
+    """One GRU direction over all steps (see the module docstring for the layouts)."""
+    return _gru_reference(xproj, w_hh_t, b_hn, h0, reverse, column, batch_first)
+
+
+# -- quantized recurrent weights (the quantize pass, weight-only and dynamic modes) ---------------
+
+def _dequantized_w_hh_t(qweight: Tensor, scales: Tensor, bits: int, hidden: int) -> Tensor:
+    """The float32 `[H, gates*H]` W_hh^T a quantized W_hh stands for."""
+    from .quant import dequantize_weight
+
+    return dequantize_weight(qweight, scales, bits, hidden).t()
+
+
+@torch.library.custom_op("orca::lstm_scan_q", mutates_args=())
+def lstm_scan_q(xproj: Tensor, qweight: Tensor, scales: Tensor, h0: Tensor, c0: Tensor, bits: int, group: int,
+                reverse: bool, column: int, batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """lstm_scan with W_hh quantized like a weight-only linear's weight (see the module docstring)."""
+    w_hh_t = _dequantized_w_hh_t(qweight, scales, bits, h0.shape[-1])
+    return _lstm_reference(xproj, w_hh_t, h0, c0, reverse, column, batch_first)
+
+
+@torch.library.custom_op("orca::gru_scan_q", mutates_args=())
+def gru_scan_q(xproj: Tensor, qweight: Tensor, scales: Tensor, b_hn: Tensor, h0: Tensor, bits: int, group: int,
+               reverse: bool, column: int, batch_first: bool) -> tuple[Tensor, Tensor]:
+    """gru_scan with W_hh quantized like a weight-only linear's weight (see the module docstring)."""
+    w_hh_t = _dequantized_w_hh_t(qweight, scales, bits, h0.shape[-1])
+    return _gru_reference(xproj, w_hh_t, b_hn, h0, reverse, column, batch_first)
+
+
+def _check_quantized(op: str, qweight, scales, h0, bits: int, group: int, gates: int) -> int:
+    hidden = h0.shape[-1]
+    if bits not in (4, 8):
+        raise ValueError(f"{op}: bits must be 4 or 8, got {bits}")
+    cols = qweight.shape[1] * (2 if bits == 4 else 1)
+    if qweight.shape[0] != gates * hidden or cols not in (hidden, hidden + 1):
+        raise ValueError(f"{op}: W_hh is {list(qweight.shape)} ({bits}-bit), the state has {hidden} features")
+    if scales.shape[0] != gates * hidden or scales.shape[1] != -(-hidden // group):
+        raise ValueError(f"{op}: scales {list(scales.shape)} do not match {gates * hidden} rows in groups of {group}")
+    return hidden
+
+
+@lstm_scan_q.register_fake
+def _lstm_scan_q_fake(xproj, qweight, scales, h0, c0, bits, group, reverse, column, batch_first):
+    hidden = _check_quantized("lstm_scan_q", qweight, scales, h0, bits, group, 4)
+    return xproj.new_empty(_out_shape(xproj, hidden, batch_first)), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+@gru_scan_q.register_fake
+def _gru_scan_q_fake(xproj, qweight, scales, b_hn, h0, bits, group, reverse, column, batch_first):
+    hidden = _check_quantized("gru_scan_q", qweight, scales, h0, bits, group, 3)
+    return xproj.new_empty(_out_shape(xproj, hidden, batch_first)), h0.new_empty(h0.shape)
+
+
 @lstm_scan.register_fake
 def _lstm_scan_fake(xproj, w_hh_t, h0, c0, reverse, column, batch_first):
     hidden = w_hh_t.shape[0]
@@ -99,6 +169,8 @@ def _gru_scan_fake(xproj, w_hh_t, b_hn, h0, reverse, column, batch_first):
 
 LSTM_SCAN = torch.ops.orca.lstm_scan.default
 GRU_SCAN = torch.ops.orca.gru_scan.default
+LSTM_SCAN_Q = torch.ops.orca.lstm_scan_q.default
+GRU_SCAN_Q = torch.ops.orca.gru_scan_q.default
 
 
 # -- whole RNNs, captured in O(1) and with a symbolic time dimension ----------------------------
