@@ -20,17 +20,30 @@ describes them, but only the CPU pair is implemented by the runtime. The pipelin
    weights stay resident first; earliest use first on ties), while the rest
    still fit the pool: the budget left over. With policy=prefetch the pool must also hold the
    next streamed weight beside the working set (double buffering) where the budget allows it.
-4. Prefetches are issued in first-use order, each as early as the pool has room for it once the
-   releases before it have run (a release follows its weight's last use). Because every prefetch
-   is placed where the pool has room, the background copies never wait on the pool in a valid
-   plan; the pool's own bound is the safety net. policy=naive issues none: each weight is copied
-   when it is needed, with nothing to overlap.
+4. **Segments.** The steps are cut into segments, greedily as long as the streamed weights read
+   in one segment fit its share of the pool: all of the pool with policy=naive, half of it with
+   policy=prefetch (the other half holds the next segment's weights while they arrive). A
+   streamed weight is fetched before the first step of the segment of its first use and released
+   after the last step of the segment of its last use. Host ops then sit only between segments,
+   so a segment compiles into one TVM partition instead of being cut at every streamed weight
+   (each cut costs a call into TVM and the fusion across it).
+5. Prefetches are issued in first-use order, at segment starts, each as early as the pool has
+   room for it once the releases before it have run, and only where at least
+   PREFETCH_MIN_OVERLAP of compute runs between it and its fetch (a shorter overlap hides less
+   than the hand-off to the background thread costs). Because every prefetch is placed where the
+   pool has room, the background copies never wait on the pool in a valid plan; the pool's own
+   bound is the safety net. policy=naive issues none: each weight is copied when its segment
+   starts, with nothing to overlap. policy=prefetch plans both ways (double-buffered segments,
+   and full-pool segments that prefetch where there is room) and keeps the one with the lower
+   estimate.
 
 The estimate (`estimated_seconds`) replays the plan on a timeline: ops on the main thread, copies
-one at a time on the background thread, a fetch waiting for its copy.
+one at a time on the background thread, a fetch waiting for its copy (or copying itself), plus a
+fixed cost per streamed weight and per segment.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -53,6 +66,11 @@ PCIE_BANDWIDTH = 12e9
 # What one streamed weight costs beyond its bytes: three host ops and a cut between TVM
 # partitions (measured ~10-30 us each on the zoo models). It keeps small weights resident first.
 COPY_OVERHEAD = 20e-6
+# What one more cut between segments costs: a call into TVM, and the fusion across it.
+SEGMENT_OVERHEAD = 20e-6
+# A prefetch pays only if this much compute runs between it and its fetch: handing a copy to the
+# background thread and back costs tens of microseconds.
+PREFETCH_MIN_OVERLAP = 50e-6
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,9 @@ class Placement:
     weights: list[WeightUse]
     streamed: list[WeightUse] = field(default_factory=list)
     pool_bytes: int = 0
+    segments: list[tuple[int, int]] = field(default_factory=list)  # [first, last] steps of each
+    fetch_at: dict[str, int] = field(default_factory=dict)  # the step before which it is fetched
+    release_after: dict[str, int] = field(default_factory=dict)  # the step after which it is released
     prefetch_at: dict[str, int] = field(default_factory=dict)
     min_budget: int = 0
     op_seconds: list[float] = field(default_factory=list)
@@ -257,40 +278,99 @@ def _exposed_per_byte(w: WeightUse, ops: list[float], bandwidth: float) -> float
     return (max(0.0, w.nbytes / bandwidth - hidden) + COPY_OVERHEAD) / max(w.nbytes, 1)
 
 
-def _prefetch_steps(streamed: list[WeightUse], pool: int) -> dict[str, int]:
-    """Each streamed weight's prefetch step: first-use order, as early as the pool has room once
-    the releases before that step have run (a weight is released before step last + 1)."""
+def _overlapping_bytes(weights: list[WeightUse], start: int, end: int) -> int:
+    return sum(w.nbytes for w in weights if w.first <= end and w.last >= start)
+
+
+def segments(streamed: list[WeightUse], steps: int, capacity: int) -> list[tuple[int, int]]:
+    """Cut steps 0..steps-1 into runs [first, last], each as long as the streamed weights read in
+    it (and those live across it) fit `capacity` bytes; a run is at least one step long."""
+    runs, start = [], 0
+    while start < steps:
+        end = start
+        while end + 1 < steps and _overlapping_bytes(streamed, start, end + 1) <= capacity:
+            end += 1
+        runs.append((start, end))
+        start = end + 1
+    return runs
+
+
+def _segment_of(runs: list[tuple[int, int]], step: int) -> tuple[int, int]:
+    return next(r for r in runs if r[0] <= step <= r[1])
+
+
+def _prefetch_steps(plan: Placement) -> dict[str, int]:
+    """Each streamed weight's prefetch step: a segment start, in first-use order, as early as the
+    pool has room for it once the releases before that start have run, and before its fetch. A
+    weight with less than PREFETCH_MIN_OVERLAP of estimated compute between the two is not
+    prefetched: handing its copy to the background thread would cost more than it hides."""
+    starts = [first for first, _ in plan.segments]
     at: dict[str, int] = {}
     issued: list[WeightUse] = []
-    step = 0
-    for w in sorted(streamed, key=lambda w: (w.first, w.name)):
-        while step < w.first and sum(o.nbytes for o in issued if o.last + 1 > step) + w.nbytes > pool:
-            step += 1
-        at[w.name] = step
+    earliest = 0
+    for w in sorted(plan.streamed, key=lambda w: (w.first, w.name)):
+        fetch = plan.fetch_at[w.name]
+        step = next((b for b in starts if earliest <= b < fetch
+                     and sum(o.nbytes for o in issued if plan.release_after[o.name] >= b) + w.nbytes <= plan.pool_bytes),
+                    fetch)
+        earliest = step
         issued.append(w)
+        if sum(plan.op_seconds[step:fetch]) >= PREFETCH_MIN_OVERLAP:
+            at[w.name] = step
     return at
 
 
 def _timeline(plan: Placement, bandwidth: float) -> float:
-    """Seconds of one call: ops one after another, copies one at a time beside them."""
-    order = sorted(plan.streamed, key=lambda w: (plan.prefetch_at.get(w.name, w.first), w.first, w.name))
-    start_of: dict[int, float] = {}
+    """Seconds of one call: ops one after another; prefetched copies one at a time beside them,
+    the others on the main thread at their fetch; plus the fixed costs of each streamed weight
+    and of each cut between segments."""
     clock = 0.0
     copies_free = 0.0
     ready: dict[str, float] = {}
-    pending = list(order)
+    by_prefetch = sorted(plan.prefetch_at.items(), key=lambda item: item[1])
+    sizes = {w.name: w.nbytes for w in plan.streamed}
     for step, seconds in enumerate(plan.op_seconds):
-        start_of[step] = clock
-        for w in [w for w in pending if plan.prefetch_at.get(w.name, w.first) == step]:
-            begin = max(clock, copies_free)
-            copies_free = begin + w.nbytes / bandwidth
-            ready[w.name] = copies_free
-            pending.remove(w)
+        for name, _ in [item for item in by_prefetch if item[1] == step]:
+            copies_free = max(clock, copies_free) + sizes[name] / bandwidth
+            ready[name] = copies_free
         for w in plan.streamed:
-            if w.first == step:
-                clock = max(clock, ready[w.name])
+            if plan.fetch_at[w.name] == step:
+                clock = max(clock, ready[w.name]) if w.name in ready else clock + w.nbytes / bandwidth
         clock += seconds
-    return clock
+    return clock + COPY_OVERHEAD * len(plan.streamed) + SEGMENT_OVERHEAD * len(plan.segments)
+
+
+def _choose_streamed(weights: list[WeightUse], steps: int, budget: int, ops: list[float], slow: float,
+                     double: bool) -> tuple[list[WeightUse], int]:
+    """(streamed weights, resident bytes): weights kept resident greedily by the cost per byte of
+    streaming them, while the rest still fit (with room for the next weight in flight if `double`)."""
+    pinned = [w for w in weights if not w.streamable]
+    streamed = [w for w in weights if w.streamable]
+    resident_bytes = sum(w.nbytes for w in pinned)
+    need = double_buffered_set if double else (lambda ws, n: working_set(ws, n)[0])
+    if resident_bytes + need(streamed, steps) > budget:
+        raise PassInputError(f"a fast-tier budget of {budget:,} bytes is too small: weights that cannot be streamed "
+                             f"need {resident_bytes:,} bytes beside the streamed working set; the minimum feasible "
+                             f"budget is {resident_bytes + need(streamed, steps)} bytes")
+    for w in sorted(streamed, key=lambda w: (-_exposed_per_byte(w, ops, slow), w.first, w.name)):
+        rest = [o for o in streamed if o is not w]
+        if resident_bytes + w.nbytes + need(rest, steps) <= budget:
+            streamed = rest
+            resident_bytes += w.nbytes
+    return sorted(streamed, key=lambda w: (w.first, w.name)), resident_bytes
+
+
+def _streaming_plan(base: Placement, steps: int, slow: float, double: bool, prefetch: bool) -> Placement:
+    """`base` with its streamed weights, segments, fetches, releases and prefetches filled in."""
+    plan = dataclasses.replace(base)
+    plan.streamed, resident_bytes = _choose_streamed(plan.weights, steps, plan.budget, plan.op_seconds, slow, double)
+    plan.pool_bytes = plan.budget - resident_bytes
+    plan.segments = segments(plan.streamed, steps, plan.pool_bytes // 2 if double else plan.pool_bytes)
+    plan.fetch_at = {w.name: _segment_of(plan.segments, w.first)[0] for w in plan.streamed}
+    plan.release_after = {w.name: _segment_of(plan.segments, w.last)[1] for w in plan.streamed}
+    plan.prefetch_at = _prefetch_steps(plan) if prefetch else {}
+    plan.estimated_seconds = _timeline(plan, slow)
+    return plan
 
 
 def plan_placement(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "prefetch",
@@ -316,25 +396,12 @@ def plan_placement(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "p
             f"a fast-tier budget of {budget:,} bytes is too small: %{node.name} (step {at_step}) needs its "
             f"weights {names} in the fast tier at once; the minimum feasible budget is {minimum} bytes "
             f"({minimum:,})")
-    pinned = [w for w in weights if not w.streamable]
-    streamed = [w for w in weights if w.streamable]
-    resident_bytes = sum(w.nbytes for w in pinned)
-    double = policy == "prefetch" and resident_bytes + double_buffered_set(streamed, steps) <= budget
-    need = double_buffered_set if double else (lambda ws, n: working_set(ws, n)[0])
-    if resident_bytes + need(streamed, steps) > budget:
-        raise PassInputError(f"a fast-tier budget of {budget:,} bytes is too small: weights that cannot be streamed "
-                             f"need {resident_bytes:,} bytes beside the streamed working set; the minimum feasible "
-                             f"budget is {resident_bytes + need(streamed, steps)} bytes")
-    for w in sorted(streamed, key=lambda w: (-_exposed_per_byte(w, ops, slow), w.first, w.name)):
-        rest = [o for o in streamed if o is not w]
-        if resident_bytes + w.nbytes + need(rest, steps) <= budget:
-            streamed = rest
-            resident_bytes += w.nbytes
-    plan.streamed = sorted(streamed, key=lambda w: (w.first, w.name))
-    plan.pool_bytes = budget - resident_bytes
-    if policy == "prefetch":
-        plan.prefetch_at = _prefetch_steps(plan.streamed, plan.pool_bytes)
-    else:
-        plan.prefetch_at = {w.name: w.first for w in plan.streamed}
-    plan.estimated_seconds = _timeline(plan, slow)
-    return plan
+    if policy != "prefetch":
+        return _streaming_plan(plan, steps, slow, double=False, prefetch=False)
+    # prefetch where it pays: double-buffered segments (fewer resident weights), or single ones
+    # with prefetches only where the pool has room; whichever the estimate says is faster
+    pinned = sum(w.nbytes for w in weights if not w.streamable)
+    options = [_streaming_plan(plan, steps, slow, double=False, prefetch=True)]
+    if pinned + double_buffered_set([w for w in weights if w.streamable], steps) <= budget:
+        options.append(_streaming_plan(plan, steps, slow, double=True, prefetch=True))
+    return min(options, key=lambda p: p.estimated_seconds)

@@ -12,8 +12,9 @@ bit for bit.
 `place-memory{budget=50%,tiers=...,policy=prefetch|naive}` plans with orca_compiler.placement
 (the tier model, the choice of resident weights, where prefetches go) and writes the plan into
 the IR as ops of orca_compiler/ops/placement.py: for each streamed weight a `prefetch` at its
-planned step, a `fetch` right before its first use (its users read the fetched tensor) and a
-`release` after its last use. The streamed weight's get_attr is annotated `{tier=disk}`. With
+planned step, a `fetch` before the segment of its first use (its users read the fetched tensor)
+and a `release` after the segment of its last use (segments: see orca_compiler.placement).
+The streamed weight's get_attr is annotated `{tier=disk}`. With
 split=true, an aten.linear whose weight alone keeps the working set over the budget is first split
 into row blocks (cat of the blocks' linears) that stream one by one. The pass
 only decides and annotates: the lowering runs the three ops on the host, against a bounded pool
@@ -184,19 +185,42 @@ def plan_for(ir: GraphIR, options: PlaceMemoryOptions) -> Placement:
     return plan_placement(ir, budget, tiers, options.policy)
 
 
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for parent in todo.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+def _release_anchor(last_use: fx.Node, segment_end: fx.Node | None, ancestors: dict) -> fx.Node:
+    """The tensor a release waits on: the segment's last tensor where the weight's last use is
+    among its inputs' inputs (so the release needs nothing that would not cross the partition
+    boundary anyway), else a tensor of the last use itself. `ancestors` caches _ancestors."""
+    last = tensor_anchor(last_use)
+    if segment_end is not None:
+        if segment_end not in ancestors:
+            ancestors[segment_end] = _ancestors(segment_end)
+        if last is segment_end or last in ancestors[segment_end]:
+            return segment_end
+    return last
+
+
 def insert_streaming(ir: GraphIR, plan: Placement) -> None:
     """Write the plan into the IR: prefetch / fetch / release nodes on one ordering chain."""
     nodes = ir.compute_nodes()
     events: dict[int, list] = {}
     for w in plan.streamed:
-        if plan.policy == "prefetch":
+        if w.name in plan.prefetch_at:
             events.setdefault(plan.prefetch_at[w.name], []).append((1, "prefetch", w))
-        events.setdefault(w.first, []).append((2, "fetch", w))
-        events.setdefault(w.last + 1, []).append((0, "release", w))
+        events.setdefault(plan.fetch_at[w.name], []).append((2, "fetch", w))
+        events.setdefault(plan.release_after[w.name] + 1, []).append((0, "release", w))
     for w in plan.streamed:  # a pass may have created the weight mid-graph (fold-bn): prefetches may come earlier
         nodes[0].prepend(w.node)
     chain: list[fx.Node] = []  # the previous placement op: every one takes it, so their order is kept
-    tokens, fetched = {}, {}
+    tokens, fetched, ancestors = {}, {}, {}
     for step in sorted(events):
         before = nodes[step] if step < len(nodes) else ir.output_node()
         # the latest tensor computed before this step: a prefetch is not issued before it exists
@@ -215,8 +239,8 @@ def insert_streaming(ir: GraphIR, plan: Placement) -> None:
                             user.replace_input_with(w.node, node)
                     fetched[w.name] = node
                 else:
-                    last = tensor_anchor(nodes[w.last])
-                    node = ir.create_node(RELEASE, (fetched[w.name], chain[-1:] + [last]), name=f"release_{w.name}")
+                    node = ir.create_node(RELEASE, (fetched[w.name], chain[-1:] + [_release_anchor(nodes[w.last], anchor, ancestors)]),
+                                          name=f"release_{w.name}")
             node.meta["orca_origin"] = "place-memory"
             chain.append(node)
     for w in plan.weights:
@@ -240,6 +264,7 @@ class PlaceMemory(Pass):
         plan = plan_for(ir, self.options)
         stats = {"split": split, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
                  "pool_bytes": plan.pool_bytes, "bytes_moved": plan.bytes_moved, "min_budget": plan.min_budget,
+                 "segments": len(plan.segments), "prefetched": len(plan.prefetch_at),
                  # the roofline estimate of the copies' time not hidden behind compute, per call
                  "est_stall_us": round((plan.estimated_seconds - plan.compute_seconds) * 1e6, 1)}
         if not plan.streamed:

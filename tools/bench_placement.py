@@ -1,23 +1,33 @@
 """Benchmark place-memory: latency with the weights' fast-tier budget at 50% and 25% against 100%,
-with prefetch (the plan) next to policy=naive (each weight copied when needed).
+with prefetch (the plan) next to policy=naive (each weight copied when its segment starts), with
+the weights file in the page cache ("hot") and dropped from it before every call ("cold": the
+copies read the disk).
 
-    python tools/bench_placement.py                          # transformer, resnet, gru_bidir
-    python tools/bench_placement.py --models mlp transformer --repeats 50 --json placement.json
+    python tools/bench_placement.py                               # transformer, resnet, gru_bidir, mlp:512
+    python tools/bench_placement.py --models mlp:512 --modes cold --repeats 20 --json placement.json
 
-Each model is compiled at O1 + `place-memory{budget=B,policy=P}`; where a budget is below the
-model's minimum (one layer's weights do not fit) the minimum is used and the row says so. All
-variants of a model are timed in one process, interleaved round-robin (orca_compiler.timing),
-medians of `--repeats` rounds. The weights file is memory-mapped and, after the first call, in
-the page cache: the times measure the copies into the pool and the ops' overhead, not a cold
-disk. Also printed: the activation peak with and without buffer reuse (memory_plan), and per
-variant the pool's measured high-water mark and the bytes moved per call. Absolute times are
-comparable only within one run.
+A model is `name` or `name:N`, which repeats the zoo example along dim 0 up to N (more compute per
+byte of weights, where prefetching has something to hide the copies behind). Each variant is
+compiled at O1 + `place-memory{budget=B,policy=P}`; where a budget is below the model's minimum
+(one layer's weights do not fit) the minimum is used and the row says so. All variants of a model
+are timed in one process, interleaved round-robin, medians of `--repeats` rounds; in cold mode
+the page cache is dropped (WeightStream.evict) before each call, outside the timed region.
+
+Printed per variant: the pool, its measured peak and the bytes moved per call, the time and the
+slowdown against 100%, and from the stream's own clocks (medians per call) `copy`, the time the
+copies took, and `wait`, the time the main thread waited for weights in fetches; `hidden` is
+1 - wait / copy, the share of the transfer time that prefetching kept off the critical path
+(with policy=naive the main thread does the copies itself: wait >= copy). Also the activation
+peak with and without buffer reuse (memory_plan). Absolute times are comparable only within one
+run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import statistics
+import time
 
 import torch
 
@@ -26,9 +36,9 @@ from orca_compiler import zoo
 from orca_compiler.errors import PassError
 from orca_compiler.lowering.streaming import stream_of
 from orca_compiler.memory_plan import plan_activations
-from orca_compiler.timing import time_interleaved
 
 VARIANTS = [("100%", "prefetch"), ("50%", "prefetch"), ("50%", "naive"), ("25%", "prefetch"), ("25%", "naive")]
+DEFAULT_MODELS = ["transformer", "resnet", "gru_bidir", "mlp:512"]
 
 
 def _compile(model, inputs, budget: str, policy: str):
@@ -45,54 +55,93 @@ def _compile(model, inputs, budget: str, policy: str):
                 minimum, f"{budget} < minimum")
 
 
-def bench_model(name: str, repeats: int) -> dict:
+def model_and_inputs(spec: str):
+    """`name` or `name:N`: the zoo model and its example, repeated along dim 0 up to N rows."""
+    name, _, rows = spec.partition(":")
     model, inputs = zoo.get(name)
+    if rows:
+        inputs = tuple(x.repeat(-(-int(rows) // x.shape[0]), *[1] * (x.dim() - 1))[:int(rows)] for x in inputs)
+    return model, inputs
+
+
+def time_variants(variants: dict, inputs, repeats: int, cold: bool) -> dict[str, dict[str, float]]:
+    """Median seconds per call, and the stream's copy and wait seconds per call, of each variant."""
+    samples = {label: {"seconds": [], "copy": [], "wait": []} for label in variants}
+    with torch.no_grad():
+        for round_ in range(repeats + 3):  # three warm-up rounds
+            for label, (compiled, _, _) in variants.items():
+                stream = stream_of(compiled)
+                if stream is not None:
+                    if cold:
+                        stream.evict()
+                    stream.reset_counters()
+                start = time.perf_counter()
+                compiled(*inputs)
+                seconds = time.perf_counter() - start
+                if round_ < 3:
+                    continue
+                samples[label]["seconds"].append(seconds)
+                if stream is not None:
+                    stats = stream.stats()
+                    samples[label]["copy"].append(stats["copy_seconds"])
+                    samples[label]["wait"].append(stats["wait_seconds"])
+    return {label: {k: statistics.median(v) if v else 0.0 for k, v in s.items()} for label, s in samples.items()}
+
+
+def bench_model(spec: str, repeats: int, modes: list[str]) -> dict:
+    model, inputs = model_and_inputs(spec)
     torch.manual_seed(0)
-    variants = {}
-    for budget, policy in VARIANTS:
-        compiled, used, note = _compile(model, inputs, budget, policy)
-        variants[f"{budget} {policy}"] = (compiled, used, note)
-    runners = {label: (lambda c: lambda: c(*inputs))(c) for label, (c, _, _) in variants.items()}
-    times = time_interleaved(runners, repeats=repeats, warmup=3, block=3)
-    base = times["100% prefetch"]
-    rows = []
-    for label, (compiled, used, note) in variants.items():
-        stats = compiled.report.passes[-1].stats
-        stream = stream_of(compiled)
-        moved = high = 0
-        if stream is not None:
-            stream.pool.reset_counters()
-            compiled(*inputs)
-            moved, high = stream.pool.bytes_moved, stream.pool.high_water
-        rows.append({"variant": label, "budget": int(stats.get("budget", 0)), "used": used, "note": note,
-                     "streamed": int(stats.get("streamed", 0)), "pool": int(stats.get("pool_bytes", 0)),
-                     "pool_high_water": high, "bytes_moved": moved, "ms": times[label] * 1e3,
-                     "slowdown": times[label] / base})
+    variants = {f"{budget} {policy}": _compile(model, inputs, budget, policy) for budget, policy in VARIANTS}
+    result = {"model": spec, "modes": {}}
+    for mode in modes:
+        times = time_variants(variants, inputs, repeats, cold=mode == "cold")
+        base = times["100% prefetch"]["seconds"]
+        rows = []
+        for label, (compiled, used, note) in variants.items():
+            stats = compiled.report.passes[-1].stats
+            stream = stream_of(compiled)
+            moved = high = 0
+            if stream is not None:
+                stream.reset_counters()
+                compiled(*inputs)
+                moved, high = stream.pool.bytes_moved, stream.pool.high_water
+            t = times[label]
+            rows.append({"variant": label, "budget": int(stats.get("budget", 0)), "used": used, "note": note,
+                         "streamed": int(stats.get("streamed", 0)), "segments": int(stats.get("segments", 0)),
+                         "pool": int(stats.get("pool_bytes", 0)), "pool_high_water": high, "bytes_moved": moved,
+                         "ms": t["seconds"] * 1e3, "slowdown": t["seconds"] / base, "copy_ms": t["copy"] * 1e3,
+                         "wait_ms": t["wait"] * 1e3,
+                         "hidden": 1 - t["wait"] / t["copy"] if t["copy"] > 0 else None})
+        result["modes"][mode] = rows
     ir = variants["100% prefetch"][0].ir
     reuse, no_reuse = plan_activations(ir), plan_activations(ir, reuse=False)
-    return {"model": name, "weight_bytes": ir.weight_bytes(), "activation_peak_reuse": reuse.peak,
-            "activation_peak_no_reuse": no_reuse.peak, "rows": rows}
+    result.update(weight_bytes=ir.weight_bytes(), activation_peak_reuse=reuse.peak, activation_peak_no_reuse=no_reuse.peak)
+    return result
 
 
 def print_result(result: dict) -> None:
     print(f"\n{result['model']}: weights {result['weight_bytes']:,} bytes; activation peak "
           f"{result['activation_peak_reuse']:,} with reuse, {result['activation_peak_no_reuse']:,} without")
-    print(f"{'variant':<14}{'budget':>11}{'streamed':>9}{'pool':>11}{'pool peak':>11}{'moved/call':>12}"
-          f"{'ms':>9}{'slowdown':>10}  note")
-    for r in result["rows"]:
-        print(f"{r['variant']:<14}{r['budget']:>11,}{r['streamed']:>9}{r['pool']:>11,}{r['pool_high_water']:>11,}"
-              f"{r['bytes_moved']:>12,}{r['ms']:>9.3f}{r['slowdown']:>9.2f}x  {r['note']}")
+    for mode, rows in result["modes"].items():
+        print(f"[{mode}] {'variant':<13}{'budget':>11}{'streamed':>9}{'segs':>5}{'pool':>11}{'pool peak':>11}"
+              f"{'moved/call':>12}{'ms':>9}{'slowdown':>9}{'copy ms':>9}{'wait ms':>9}{'hidden':>8}  note")
+        for r in rows:
+            hidden = "" if r["hidden"] is None else f"{r['hidden']:.0%}"
+            print(f"{'':7}{r['variant']:<13}{r['budget']:>11,}{r['streamed']:>9}{r['segments']:>5}{r['pool']:>11,}"
+                  f"{r['pool_high_water']:>11,}{r['bytes_moved']:>12,}{r['ms']:>9.3f}{r['slowdown']:>8.2f}x"
+                  f"{r['copy_ms']:>9.3f}{r['wait_ms']:>9.3f}{hidden:>8}  {r['note']}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=["transformer", "resnet", "gru_bidir"])
+    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
+    parser.add_argument("--modes", nargs="*", default=["hot", "cold"], choices=["hot", "cold"])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     results = []
-    for name in args.models:
-        results.append(bench_model(name, args.repeats))
+    for spec in args.models:
+        results.append(bench_model(spec, args.repeats, args.modes))
         print_result(results[-1])
     if args.json:
         with open(args.json, "w") as f:
