@@ -69,8 +69,8 @@ COPY_OVERHEAD = 20e-6
 # What one more cut between segments costs: a call into TVM, and the fusion across it.
 SEGMENT_OVERHEAD = 20e-6
 # A prefetch pays only if this much compute runs between it and its fetch: handing a copy to the
-# background thread and back costs tens of microseconds.
-PREFETCH_MIN_OVERLAP = 50e-6
+# background thread and back costs tens of microseconds, and the copy takes a core from the kernels.
+PREFETCH_MIN_OVERLAP = 200e-6
 
 
 @dataclass(frozen=True)

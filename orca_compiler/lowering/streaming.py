@@ -241,7 +241,8 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
         raise TargetError(f"place-memory streams weights on CPU only; this program is built for {', '.join(sorted(kinds))} "
                           "(compile without place-memory, or with a budget that keeps every weight resident)")
     capacity = max(n.args[2] for n in nodes if n.target in (PREFETCH, FETCH))
-    names = sorted({n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)})
+    # in the order the program reads them: a segment's weights are one run of the file
+    names = list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
     views, path, offsets = map_weights({name: getattr(parent, name) for name in names})
     for name, view in views.items():
         original = getattr(parent, name)
