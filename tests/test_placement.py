@@ -181,7 +181,7 @@ def test_memory_report_and_cli_show_the_tiers(capsys):
     moved = re.search(r"([0-9,]+) bytes moved per call", out).group(1)
     assert lines[1].split()[0] == "ram" and lines[2].split()[:2] == ["disk", moved]
     assert lines[1].split()[-1] == moved  # moved into ram from disk
-    assert "orca.prefetch(" in out and "orca.release(" in out
+    assert "orca.fetch(" in out and "orca.release(" in out
 
 
 def _partitions(compiled) -> int:
