@@ -2,6 +2,11 @@
 
     python tools/bench_quant.py                      # mlp and transformer at batch 1
     python tools/bench_quant.py --models mlp --batch 8 --repeats 50
+    python tools/bench_quant.py --gemm               # one int8 linear: VNNI vs plain vs float32
+
+`--gemm` times a single 1024x1024 linear layer at batch 1 and 8: torch float32, orca float32,
+and orca dynamic/static int8 on the dot-product kernel (VNNI where the CPU has it) and on the
+plain kernel (int8_dot_kernels.disabled()), interleaved in one process.
 
 For each model: eager float32, torch.compile, onnxruntime (float32), PyTorch's own dynamic int8
 (`torch.ao.quantization.quantize_dynamic`, eager), and orca at O2 in float32 and with each
@@ -13,6 +18,7 @@ are timed. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -85,6 +91,40 @@ def bench_model(name: str, batch: int, repeats: int, variants: dict) -> list[dic
     return [{"model": name, "batch": batch, "backend": label, **row} for label, row in rows.items()]
 
 
+def bench_gemm(batches: list[int], repeats: int, features: int = 1024) -> list[dict]:
+    """One `features` x `features` linear layer at each batch: latency of torch float32, orca
+    float32, and orca int8 (dynamic and static) with and without the dot-product kernels."""
+    from orca_compiler.lowering import int8_dot_kernels
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(features, features).eval()
+    runners, rows = {}, {}
+    for batch in batches:
+        x = torch.randn(batch, features)
+        calibration = [(torch.randn(64, features),)]
+        runners[f"{batch} torch fp32"] = (lambda x: lambda: layer(x))(x)
+        variants = {"orca fp32 (TVM kernel)": ("O1", False), "orca int8 dynamic, plain": ("O1,quantize{mode=dynamic}", True),
+                    "orca int8 dynamic, dot": ("O1,quantize{mode=dynamic}", False),
+                    "orca int8 static, plain": ("O1,quantize{mode=static}", True),
+                    "orca int8 static, dot": ("O1,quantize{mode=static}", False)}
+        for label, (pipeline, plain) in variants.items():
+            with int8_dot_kernels.disabled() if plain else contextlib.nullcontext():
+                compiled = oc.compile(layer, (x,), pipeline=pipeline, kernels="tvm", cache="off",
+                                      calibration_data=calibration)
+            with torch.no_grad():
+                rows[f"{batch} {label}"] = {"error": _error(compiled(x), layer(x))}
+            runners[f"{batch} {label}"] = (lambda c, x: lambda: c(x))(compiled, x)
+        rows[f"{batch} torch fp32"] = {"error": 0.0}
+    times = time_interleaved(runners, repeats=repeats, warmup=3)
+    out = []
+    for key, seconds in times.items():
+        batch, label = key.split(" ", 1)
+        base = times[f"{batch} torch fp32"]
+        out.append({"model": f"linear {features}x{features}", "batch": int(batch), "backend": label, "bytes": None,
+                    "ms": seconds * 1e3, "vs_eager": base / seconds, **rows[key]})
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | batch | backend | ms (median) | vs eager fp32 | rel. error | weight bytes | kernels |",
              "|---|---|---|---|---|---|---|---|"]
@@ -103,7 +143,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--gemm", action="store_true", help="one 1024x1024 int8 linear at batch 1 and 8 instead")
     args = parser.parse_args()
+    if args.gemm:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 'vs eager' = vs torch fp32")
+        print(markdown(bench_gemm([1, 8], args.repeats)))
+        return
     rows = []
     for name in args.models:
         rows += bench_model(name, args.batch, args.repeats, VARIANTS)

@@ -260,7 +260,7 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
                 keep_alive.append(call)
                 externs = {copy.name: call}
             try:
-                imported = import_relax(probe, externs)
+                imported = import_relax(probe, externs, target)
             except LoweringError as exc:
                 rejected[key][name] = str(exc)
                 continue

@@ -227,40 +227,84 @@ def _int8_weight(importer, qweight: fx.Node):
     return rx.const(weight.t().contiguous().numpy()), weight.shape[0]
 
 
-def convert_linear_dq(node: fx.Node, importer):
-    """orca.linear_dq -> quantize the rows of x, then the int8 matmul with its float epilogue."""
+def _emit_int8_dot(importer, base: str, xq, weight: torch.Tensor, scale_operands: list, epilogue):
+    """The int8 matmul `xq [M, K] x weight.T` (weight: int8 `[N, K]`) with `epilogue` (an
+    int8_dot_kernels.Epilogue) as a call of a hardware dot-product kernel (VNNI on CPUs that
+    have it, dp4a on CUDA), its weight repacked here; None where the current target has none for
+    this shape (the plain kernel then runs). `scale_operands`: the epilogue's Relax operands
+    (row scales, weight scales, bias) in the kernel's order."""
+    import tvm
     from tvm import relax as rx
+
+    from . import int8_dot_kernels as dot
+
+    n, k = weight.shape
+    path = dot.dot_path(tvm.target.Target.current(allow_none=True), k, n)
+    if path is None:
+        return None
+    rows_dim = importer.shape_of(xq)[0]
+    rows = int(rows_dim) if isinstance(rows_dim, (int, tvm.tirx.IntImm)) else None
+    if path == dot.VNNI:
+        words, compensation = dot.pack_vnni_weight(weight.numpy())
+        kernel = dot.vnni_linear_kernel(rows, k, n, epilogue)
+        weights = [rx.const(words), rx.const(compensation)]
+    else:
+        kernel = dot.dp4a_linear_kernel(rows, k, n, epilogue)
+        weights = [rx.const(dot.pack_dp4a_weight(weight.numpy()))]
+    func = importer.block_builder.add_func(kernel, kernel_name(f"{base}_{path}"))
+    out_type = rx.TensorType([rows_dim, n], epilogue.out_dtype)
+    return importer.block_builder.emit(rx.call_tir(func, [xq, *weights, *scale_operands], out_type))
+
+
+def convert_linear_dq(node: fx.Node, importer):
+    """orca.linear_dq -> quantize the rows of x, then the int8 matmul with its float epilogue
+    (on the int8 dot-product instructions where the target has them)."""
+    from tvm import relax as rx
+
+    from .int8_dot_kernels import Epilogue
 
     x, qweight, wscale, bias, *smooth = node.args
     smooth = smooth[0] if smooth else None
     bb = importer.block_builder
     flat, lead = _flatten_rows(importer, importer.env[x])
-    weight, n = _int8_weight(importer, qweight)
     factors = [] if smooth is None else [rx.const(_const(importer, smooth, "smoothing factor").numpy())]
     q = bb.emit_te(_quantize_rows_te, flat, *factors, primfunc_name_hint=kernel_name("orca_quantize_rows"))
-    operands = [bb.emit(rx.TupleGetItem(q, 0)), weight, bb.emit(rx.TupleGetItem(q, 1)),
-                rx.const(_const(importer, wscale, "scale").numpy())]
+    xq, row_scale = bb.emit(rx.TupleGetItem(q, 0)), bb.emit(rx.TupleGetItem(q, 1))
+    scales = [row_scale, rx.const(_const(importer, wscale, "scale").numpy())]
     if bias is not None:
-        operands.append(importer.env[bias])
-    out = bb.emit_te(functools.partial(_int8_matmul_te, per_row_scale=True, has_bias=bias is not None, out_scale=0.0,
-                                       activation="none"), *operands, primfunc_name_hint=kernel_name("orca_linear_dq"))
-    return _restore_rows(importer, out, lead, n)
+        scales.append(importer.env[bias])
+    out = _emit_int8_dot(importer, "orca_linear_dq", xq, _const(importer, qweight, "weight"), scales,
+                         Epilogue(per_row_scale=True, has_bias=bias is not None))
+    if out is None:
+        weight, _ = _int8_weight(importer, qweight)
+        out = bb.emit_te(functools.partial(_int8_matmul_te, per_row_scale=True, has_bias=bias is not None,
+                                           out_scale=0.0, activation="none"),
+                         xq, weight, *scales, primfunc_name_hint=kernel_name("orca_linear_dq"))
+    return _restore_rows(importer, out, lead, _const(importer, qweight, "weight").shape[0])
 
 
 def convert_linear_q(node: fx.Node, importer):
-    """orca.linear_q -> the int8 matmul with its dequantize or requantize epilogue."""
+    """orca.linear_q -> the int8 matmul with its dequantize or requantize epilogue (on the int8
+    dot-product instructions where the target has them)."""
     from tvm import relax as rx
+
+    from .int8_dot_kernels import Epilogue
 
     xq, x_scale, qweight, wscale, bias, out_scale, activation = node.args
     flat, lead = _flatten_rows(importer, importer.env[xq])
-    weight, n = _int8_weight(importer, qweight)
-    operands = [flat, weight, rx.const(_const(importer, wscale, "scale").numpy())]
+    scales = [rx.const(_const(importer, wscale, "scale").numpy())]
     if bias is not None:
-        operands.append(importer.env[bias])
-    out = importer.block_builder.emit_te(
-        functools.partial(_int8_matmul_te, x_scale=x_scale, per_row_scale=False, has_bias=bias is not None,
-                          out_scale=out_scale, activation=activation), *operands, primfunc_name_hint=kernel_name("orca_linear_q"))
-    return _restore_rows(importer, out, lead, n)
+        scales.append(importer.env[bias])
+    out = _emit_int8_dot(importer, "orca_linear_q", flat, _const(importer, qweight, "weight"), scales,
+                         Epilogue(x_scale=x_scale, has_bias=bias is not None, out_scale=out_scale,
+                                  activation=activation))
+    if out is None:
+        weight, _ = _int8_weight(importer, qweight)
+        out = importer.block_builder.emit_te(
+            functools.partial(_int8_matmul_te, x_scale=x_scale, per_row_scale=False, has_bias=bias is not None,
+                              out_scale=out_scale, activation=activation), flat, weight, *scales,
+            primfunc_name_hint=kernel_name("orca_linear_q"))
+    return _restore_rows(importer, out, lead, _const(importer, qweight, "weight").shape[0])
 
 
 def _conv_epilogue_te(acc, wscale, *rest, x_scale: float, out_scale: float, activation: str):
@@ -275,11 +319,49 @@ def _conv_epilogue_te(acc, wscale, *rest, x_scale: float, out_scale: float, acti
     return te.compute(acc.shape, epilogue, name="out")
 
 
-def convert_conv2d_q(node: fx.Node, importer):
-    """orca.conv2d_q -> Relax's conv2d on int8 with int32 output, and the epilogue (fused by
-    TVM's FuseOps into the conv's kernel)."""
+def _is_pointwise(weight: torch.Tensor, stride, padding, groups) -> bool:
+    """Whether a conv is a 1x1, stride-1, unpadded, ungrouped one: a matmul over channels."""
+    return (tuple(weight.shape[2:]) == (1, 1) and all(s == 1 for s in stride) and all(p == 0 for p in padding)
+            and groups == 1)
+
+
+def _conv1x1_int8_dot(importer, node: fx.Node):
+    """A pointwise orca.conv2d_q as the int8 dot-product linear kernel on the channels-last
+    pixels (`[B*H*W, Cin]`), transposed back to NCHW; None where no such kernel applies."""
     from tvm import relax as rx
 
+    from .int8_dot_kernels import Epilogue
+
+    xq, x_scale, qweight, wscale, bias, stride, padding, dilation, groups, out_scale, activation = node.args
+    weight = _const(importer, qweight, "weight")
+    shape = list(importer.shape_of(importer.env[xq]))
+    if not _is_pointwise(weight, stride, padding, groups) or len(shape) != 4:
+        return None
+    bb = importer.block_builder
+    batch, channels, height, width = shape
+    pixels = bb.emit(rx.op.reshape(bb.emit(rx.op.permute_dims(importer.env[xq], [0, 2, 3, 1])),
+                                   [batch * height * width, channels]))
+    scales = [rx.const(_const(importer, wscale, "scale").numpy())]
+    if bias is not None:
+        scales.append(importer.env[bias])
+    out = _emit_int8_dot(importer, "orca_conv2d_q_1x1", pixels, weight.reshape(weight.shape[0], -1), scales,
+                         Epilogue(x_scale=x_scale, has_bias=bias is not None, out_scale=out_scale,
+                                  activation=activation))
+    if out is None:
+        return None
+    nhwc = bb.emit(rx.op.reshape(out, [batch, height, width, weight.shape[0]]))
+    return bb.emit(rx.op.permute_dims(nhwc, [0, 3, 1, 2]))
+
+
+def convert_conv2d_q(node: fx.Node, importer):
+    """orca.conv2d_q -> Relax's conv2d on int8 with int32 output, and the epilogue (fused by
+    TVM's FuseOps into the conv's kernel). A pointwise (1x1) conv runs as the int8 dot-product
+    linear kernel instead where the target has one."""
+    from tvm import relax as rx
+
+    pointwise = _conv1x1_int8_dot(importer, node)
+    if pointwise is not None:
+        return pointwise
     xq, x_scale, qweight, wscale, bias, stride, padding, dilation, groups, out_scale, activation = node.args
     bb = importer.block_builder
     weight = rx.const(_const(importer, qweight, "weight").numpy())

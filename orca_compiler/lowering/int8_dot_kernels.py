@@ -1,0 +1,342 @@
+"""int8 x int8 -> int32 linear kernels on the hardware dot-product instructions (used by
+quant_kernels.py for linear_dq, linear_q and pointwise conv2d_q).
+
+- **AVX-512 VNNI** (llvm targets whose CPU has `avx512vnni`, e.g. znver4, cascadelake, icelake,
+  sapphirerapids): `vpdpbusd` multiplies 4 unsigned bytes by 4 signed bytes and adds the 4
+  products into an int32 lane, 16 lanes an instruction. It is u8 x s8, so the int8 activations
+  are shifted to u8 (`x + 128`: a xor of the sign bit) and the excess `128 * sum_k w[n, k]` is
+  subtracted: the accumulators start at `-128 * colsum(w)`, computed at compile time. The
+  weight is repacked at compile time to `[ceil(N/16), K/4, 16]` int32 words (4 consecutive k
+  of one column a word; padding columns are zeros), so one 64-byte load feeds one instruction. A register tile of `rows` x
+  `16 * blocks` accumulators runs over all of K, then the float epilogue (scales, bias, ReLU,
+  requantize) is applied to the tile; the tiles of output columns run in parallel when big.
+- **CUDA `__dp4a`** (cuda targets): the same dot of 4 int8 pairs into an int32, one thread per
+  output column and a few rows; the weight is packed `[K/4, N]` int32 so a warp's loads are
+  coalesced.
+
+Both give exactly the integer accumulators of the plain kernels (quant_kernels.py); the float
+epilogue is the same expression (`quant_kernels._int8_epilogue`), so the float results match too.
+The kernels are hand-written TIR marked scheduled: our CPU rules and dlight leave them alone.
+`dot_path(target, k, n)` says which kernel (if any) a layer gets. CPUs without VNNI (znver3)
+and AMX are not served here: AMX is not implemented (no machine to run it on).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import LoweringError
+
+VNNI = "vnni"
+DP4A = "dp4a"
+# vpdpbusd: 16 int32 lanes, each the dot of 4 u8 x s8 pairs.
+VNNI_LANES = 16
+# The int32 word of 4 bytes 0x80: xor-ing it into 4 packed int8 values adds 128 to each (-> u8).
+_SIGN_BITS = -0x7F7F7F80  # 0x80808080 as a signed int32
+# Multiply-adds from which the VNNI kernel runs its column tiles in parallel. Serially, a
+# 1x1024x1024 GEMV took 11 us and 8x1024x1024 37 us here; a parallel launch costs 5-50 us
+# (cpu_schedules.PARALLEL_MIN_WORK), so only bigger products pay for it.
+PARALLEL_MIN_MACS = 1 << 24
+# CUDA: threads a block (over output columns) and rows each thread accumulates.
+DP4A_THREADS = 128
+DP4A_ROWS = 4
+
+
+class Int8DotError(LoweringError):
+    """A layer that the int8 dot-product kernels cannot take (shape or target)."""
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What happens to an int32 accumulator `acc[m, n]`: `float(acc) * scale (+ bias[n])`, the
+    activation, and a requantize to int8 when `out_scale > 0`. `scale` is `wscale[n] *
+    row_scale[m]` (dynamic mode, `per_row_scale`) or `wscale[n] * x_scale` (static mode).
+    `raw=True` writes the int32 accumulators themselves (tests, no scale operands)."""
+
+    per_row_scale: bool = False
+    x_scale: float | None = None
+    has_bias: bool = False
+    out_scale: float = 0.0
+    activation: str = "none"
+    raw: bool = False
+
+    @property
+    def out_dtype(self) -> str:
+        """The kernel's output dtype."""
+        if self.raw:
+            return "int32"
+        return "int8" if self.out_scale > 0 else "float32"
+
+
+# -- which kernel ------------------------------------------------------------------------------
+
+def target_has_vnni(target) -> bool:
+    """Whether an llvm `target` (tvm.target.Target) may use AVX-512 VNNI: LLVM's feature list for
+    its mcpu/mattr has avx512vnni (znver4: yes; znver3, a plain "llvm" without mcpu: no)."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    from tvm.target.codegen import target_has_features
+
+    try:
+        return bool(target_has_features("avx512vnni", target)) and bool(target_has_features("avx512bw", target))
+    except Exception:  # non-x86 triples: LLVM does not know the feature name
+        return False
+
+
+_disabled = False
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block, dot_path answers None: the int8 layers get the plain TE kernels (for
+    benchmarks and bisecting; compile with `cache="off"`, as the compile cache does not know)."""
+    global _disabled
+    previous, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = previous
+
+
+def dot_path(target, k: int, n: int) -> str | None:
+    """The dot-product kernel for an int8 linear with `k` input and `n` output columns on
+    `target`: VNNI, DP4A, or None (the plain TE kernel). Needs `k % 4 == 0` (one 32-bit word of
+    x a step); any `n`."""
+    if _disabled or target is None or k % 4:
+        return None
+    if target.kind.name == "cuda":
+        return DP4A
+    if target_has_vnni(target):
+        return VNNI
+    return None
+
+
+# -- compile-time weight packing ------------------------------------------------------------------
+
+def vnni_columns(n: int) -> int:
+    """`n` rounded up to whole 16-lane vectors: the columns of the packed weight."""
+    return -(-n // VNNI_LANES) * VNNI_LANES
+
+
+def pack_vnni_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weight `[N, K]` (K % 4 == 0) -> (`[P/16, K/4, 16]` int32 words holding
+    w[16 b + i, 4 k4 : 4 k4 + 4] little-endian, `[P]` int32 `-128 * sum_k w[n, k]`), with
+    P = vnni_columns(N): the columns past N are zeros."""
+    n, k = weight.shape
+    if k % 4:
+        raise Int8DotError(f"the VNNI kernel needs K % 4 == 0, got K={k}")
+    cols = vnni_columns(n)
+    w = np.zeros((cols, k), dtype=np.int8)
+    w[:n] = weight
+    packed = w.reshape(cols // VNNI_LANES, VNNI_LANES, k // 4, 4).transpose(0, 2, 1, 3)
+    words = np.ascontiguousarray(packed).view("<i4").reshape(cols // VNNI_LANES, k // 4, VNNI_LANES)
+    compensation = (-128 * w.astype(np.int32).sum(axis=1)).astype(np.int32)
+    return words, compensation
+
+
+def pack_dp4a_weight(weight: np.ndarray) -> np.ndarray:
+    """int8 weight `[N, K]` (K % 4 == 0) -> `[K/4, N]` int32 words holding w[n, 4 k4 : 4 k4 + 4]."""
+    n, k = weight.shape
+    if k % 4:
+        raise Int8DotError(f"the dp4a kernel needs K % 4 == 0, got K={k}")
+    w = np.ascontiguousarray(weight, dtype=np.int8)
+    return np.ascontiguousarray(w.reshape(n, k // 4, 4).view("<i4").reshape(n, k // 4).T)
+
+
+# -- the epilogue, shared ---------------------------------------------------------------------------
+
+def _epilogue_fn(epilogue: Epilogue, buffers: dict) -> Callable:
+    """(acc value, row index, column index) -> the output value, reading the scale and bias
+    buffers in `buffers` ("row_scale", "wscale", "bias"). The same expression as the plain kernel
+    (quant_kernels._int8_matmul_te), so the float results are the same."""
+    from .quant_kernels import _int8_epilogue
+
+    if epilogue.raw:
+        return lambda acc, m, n: acc
+
+    def value(acc, m, n):
+        if epilogue.per_row_scale:
+            scale = buffers["wscale"][n] * buffers["row_scale"][m]
+        else:
+            scale = buffers["wscale"][n] * float(epilogue.x_scale)
+        bias = buffers["bias"][n] if epilogue.has_bias else None
+        return _int8_epilogue(acc, scale, bias, epilogue.activation, epilogue.out_scale)
+
+    return value
+
+
+def _scale_args(T, epilogue: Epilogue, m, n: int) -> dict:
+    """Declare the epilogue's operands (after x and the weight operands) as PrimFunc args."""
+    buffers = {}
+    if epilogue.raw:
+        return buffers
+    if epilogue.per_row_scale:
+        buffers["row_scale"] = T.match_buffer(T.arg("row_scale", T.handle()), (m,), "float32")
+    buffers["wscale"] = T.match_buffer(T.arg("wscale", T.handle()), (n,), "float32")
+    if epilogue.has_bias:
+        buffers["bias"] = T.match_buffer(T.arg("bias", T.handle()), (n,), "float32")
+    return buffers
+
+
+def _rows_var(rows: int | None):
+    """The row extent of a kernel: a constant, or a symbolic int64 Var (any batch)."""
+    from tvm import tirx
+
+    return tirx.Var("m", "int64") if rows is None else rows
+
+
+# -- CPU: AVX-512 VNNI --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VnniTile:
+    """The register tile: `rows` rows x `blocks` 16-lane vectors of output columns."""
+
+    rows: int
+    blocks: int
+
+
+def vnni_tile(rows: int | None, n: int) -> VnniTile:
+    """The tile for an `rows` x `n` output: up to 4 rows x 4 vectors (16 accumulators of the 32
+    zmm registers, each weight vector loaded once for all rows, each x word once for all
+    vectors); fewer vectors where they do not divide `n / 16`, fewer rows for fewer rows."""
+    blocks = next(b for b in (4, 2, 1) if (vnni_columns(n) // VNNI_LANES) % b == 0)
+    return VnniTile(4 if rows is None else max(1, min(rows, 4)), blocks)
+
+
+def vnni_linear_kernel(rows: int | None, k: int, n: int, epilogue: Epilogue, tile: VnniTile | None = None,
+                       parallel: bool | None = None):
+    """The PrimFunc `(x int8 [M, K], w int32 [P/16, K/4, 16], comp int32 [P], <epilogue operands>,
+    out [M, N])` computing `epilogue(x @ w.T)` with vpdpbusd (P = vnni_columns(N):
+    pack_vnni_weight's layout); `rows` None = any M (tail rows one at a time). Assumes K % 4 == 0."""
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    if k % 4:
+        raise Int8DotError(f"the VNNI kernel needs K % 4 == 0, got K={k}")
+    cols = vnni_columns(n)
+    tile = tile or vnni_tile(rows, n)
+    width = tile.blocks * VNNI_LANES
+    if parallel is None:
+        parallel = (rows or 8) * n * k >= PARALLEL_MIN_MACS and cols // width > 1  # any batch: as 8 rows
+    with IRBuilder() as builder:
+        with T.prim_func(private=True):
+            T.func_name("orca_int8_vnni")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            m = _rows_var(rows)
+            x = T.match_buffer(T.arg("x", T.handle()), (m, k), "int8")
+            w = T.match_buffer(T.arg("w", T.handle()), (cols // VNNI_LANES, k // 4, VNNI_LANES), "int32")
+            comp = T.match_buffer(T.arg("comp", T.handle()), (cols,), "int32")
+            buffers = _scale_args(T, epilogue, m, n)
+            out = T.match_buffer(T.arg("out", T.handle()), (m, n), epilogue.out_dtype)
+            finish = _epilogue_fn(epilogue, buffers)
+            loop = T.parallel if parallel else T.serial
+            with loop(0, cols // width) as col_tile:
+                n0 = col_tile * width
+                full = m // tile.rows
+                if not isinstance(full, int) or full > 0:
+                    with T.serial(0, full) as row_tile:
+                        _vnni_tile(T, x, w, comp, out, finish, n, row_tile * tile.rows, n0, tile.rows, tile.blocks, k)
+                if isinstance(m, tirx.Var):  # any batch: the rows past the last full tile, one at a time
+                    with T.serial(full * tile.rows, m) as row:
+                        _vnni_tile(T, x, w, comp, out, finish, n, row, n0, 1, tile.blocks, k)
+                elif m % tile.rows:  # one tile of the remaining rows
+                    _vnni_tile(T, x, w, comp, out, finish, n, full * tile.rows, n0, m % tile.rows, tile.blocks, k)
+    return builder.get()
+
+
+def _vnni_tile(T, x, w, comp, out, finish, n: int, m0, n0, rows: int, blocks: int, k: int) -> None:
+    """Emit one register tile: `rows` x `blocks` vectors of accumulators from the compensation,
+    vpdpbusd over K/4 words, then the epilogue into `out[m0 : m0 + rows, n0 : n0 + 16 blocks]`.
+
+    Each accumulator is a 16-lane buffer of its own: small stack buffers, which LLVM keeps in
+    registers over the K loop. (One buffer for the tile reached TVM's 1 KB stack limit at 4 x 4,
+    became a heap workspace, and LLVM then stored every accumulator on every step.)"""
+    from tvm import tirx
+
+    lanes = lambda start: tirx.Ramp(start, 1, VNNI_LANES)  # noqa: E731
+    acc = [[T.alloc_buffer((VNNI_LANES,), "int32") for _ in range(blocks)] for _ in range(rows)]
+    for r in range(rows):
+        for b in range(blocks):
+            T.buffer_store(acc[r][b], comp[lanes(n0 + b * VNNI_LANES)], [lanes(0)])
+    with T.serial(0, k // 4) as k4:
+        # 4 int8 of row r as one int32, shifted to u8, in all 16 lanes; each weight vector once.
+        # (This LLVM's vpdpbusd takes <64 x i8> operands, not the <16 x i32> of older ones.)
+        xs = [T.Bind(tirx.reinterpret("int8x64", tirx.Broadcast(tirx.bitwise_xor(
+            tirx.reinterpret("int32", x[m0 + r, tirx.Ramp(k4 * 4, 1, 4)]), tirx.const(_SIGN_BITS, "int32")),
+            VNNI_LANES))) for r in range(rows)]
+        ws = [T.Bind(tirx.reinterpret("int8x64", w[n0 // VNNI_LANES + b, k4, lanes(0)])) for b in range(blocks)]
+        for r in range(rows):
+            for b in range(blocks):
+                dot = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[r][b][lanes(0)],
+                                                 xs[r], ws[b])
+                T.buffer_store(acc[r][b], dot, [lanes(0)])
+    for b in range(blocks):
+        if n % VNNI_LANES == 0:
+            _vnni_store(T, out, finish, acc, m0, n0 + b * VNNI_LANES, rows, T.vectorized, VNNI_LANES, b)
+            continue
+        with T.If(n0 + (b + 1) * VNNI_LANES <= n):  # a whole vector of real columns
+            with T.Then():
+                _vnni_store(T, out, finish, acc, m0, n0 + b * VNNI_LANES, rows, T.vectorized, VNNI_LANES, b)
+            with T.Else():  # the last vector, part padding: its real columns one at a time
+                with T.If(n0 + b * VNNI_LANES < n):
+                    with T.Then():
+                        _vnni_store(T, out, finish, acc, m0, n0 + b * VNNI_LANES, rows, T.serial, n % VNNI_LANES, b)
+
+
+def _vnni_store(T, out, finish, acc, m0, col0, rows: int, loop, count: int, b: int) -> None:
+    """The epilogue of accumulator vector `b` of each tile row into `out[m0 + r, col0 + j]`,
+    j < `count`, over a `loop` (T.vectorized for whole vectors, T.serial for a partial one)."""
+    for r in range(rows):
+        with loop(0, count) as j:
+            T.buffer_store(out, finish(acc[r][b][j], m0 + r, col0 + j), [m0 + r, col0 + j])
+
+
+# -- CUDA: __dp4a ---------------------------------------------------------------------------------------
+
+def dp4a_linear_kernel(rows: int | None, k: int, n: int, epilogue: Epilogue):
+    """The PrimFunc `(x int8 [M, K], w int32 [K/4, N], <epilogue operands>, out [M, N])` for CUDA:
+    thread (column j, row group g) accumulates DP4A_ROWS rows of column j with __dp4a over K/4
+    words. Assumes K % 4 == 0 (pack_dp4a_weight's layout); any N and M (guarded)."""
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    if k % 4:
+        raise Int8DotError(f"the dp4a kernel needs K % 4 == 0, got K={k}")
+    with IRBuilder() as builder:
+        with T.prim_func(private=True):
+            T.func_name("orca_int8_dp4a")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            m = _rows_var(rows)
+            x = T.match_buffer(T.arg("x", T.handle()), (m, k), "int8")
+            w = T.match_buffer(T.arg("w", T.handle()), (k // 4, n), "int32")
+            buffers = _scale_args(T, epilogue, m, n)
+            out = T.match_buffer(T.arg("out", T.handle()), (m, n), epilogue.out_dtype)
+            finish = _epilogue_fn(epilogue, buffers)
+            groups = (m + DP4A_ROWS - 1) // DP4A_ROWS
+            with T.thread_binding(0, groups, "blockIdx.y") as g:
+                with T.thread_binding(0, (n + DP4A_THREADS - 1) // DP4A_THREADS, "blockIdx.x") as bx:
+                    with T.thread_binding(0, DP4A_THREADS, "threadIdx.x") as tx:
+                        col = bx * DP4A_THREADS + tx
+                        acc = T.alloc_buffer((DP4A_ROWS,), "int32", scope="local")
+                        for r in range(DP4A_ROWS):
+                            T.buffer_store(acc, tirx.const(0, "int32"), [r])
+                        with T.If(col < n):
+                            with T.Then():
+                                with T.serial(0, k // 4) as k4:
+                                    word = T.Bind(w[k4, col])
+                                    for r in range(DP4A_ROWS):
+                                        row = tirx.min(g * DP4A_ROWS + r, m - 1)  # clamped: read in bounds
+                                        xs = x[row, tirx.Ramp(k4 * 4, 1, 4)]
+                                        dot = tirx.call_pure_extern("int32", "__dp4a", xs, word, acc[r])
+                                        T.buffer_store(acc, dot, [r])
+                                for r in range(DP4A_ROWS):
+                                    row = g * DP4A_ROWS + r
+                                    with T.If(row < m):
+                                        with T.Then():
+                                            T.buffer_store(out, finish(acc[r], row, col), [row, col])
+    return builder.get()

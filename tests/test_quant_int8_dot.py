@@ -1,0 +1,248 @@
+"""The int8 kernels on the hardware dot-product instructions (lowering/int8_dot_kernels.py).
+
+- AVX-512 VNNI (vpdpbusd): the int32 accumulators equal torch's integer matmul exactly, for
+  every shape class (row tiles and their remainder, column tails, any batch); compiled quantized
+  models equal the eager reference of the quantized ops; the VNNI instruction is in the code for
+  a VNNI CPU and absent for znver3 (no VNNI), whose code is the plain kernel's. The code is
+  generated on any machine; running it needs a host with avx512_vnni (skipped elsewhere).
+- CUDA __dp4a: the generated CUDA source calls it, and nvcc compiles it for sm_80 when on PATH.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import orca_compiler as oc
+from orca_compiler.lowering import int8_dot_kernels as dot
+from orca_compiler.ops import quant
+
+ZNVER4 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}
+ZNVER3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2}
+
+
+def _host_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vnni" in f.read()
+    except OSError:
+        return False
+
+
+HOST_VNNI = _host_has_vnni()
+needs_vnni_host = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512_vnni: code generated, not run")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small kernels: one thread is as fast and is not stalled when the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _target(spec: dict):
+    import tvm
+
+    return tvm.target.Target(spec)
+
+
+def _llvm_asm(executable) -> str:
+    """The x86 assembly of every LLVM module of a compiled executable (VM executable or module)."""
+    stack, text = [getattr(executable, "mod", executable)], []
+    while stack:
+        module = stack.pop()
+        if module.kind == "llvm":
+            text.append(module.inspect_source("asm"))
+        stack.extend(module.imports)
+    return "\n".join(text)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12))
+
+
+# -- which kernel a target gets -------------------------------------------------------------------
+
+def test_dot_path_follows_the_target_features():
+    assert dot.dot_path(_target(ZNVER4), 64, 64) == dot.VNNI
+    assert dot.dot_path(_target({**ZNVER4, "mcpu": "cascadelake"}), 64, 10) == dot.VNNI
+    assert dot.dot_path(_target(ZNVER3), 64, 64) is None  # AVX2 only: the plain kernel
+    assert dot.dot_path(_target({"kind": "llvm"}), 64, 64) is None  # no mcpu: nothing assumed
+    assert dot.dot_path(_target(ZNVER4), 66, 64) is None  # K not whole 4-byte words
+    assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_80"}), 64, 64) == dot.DP4A
+    assert dot.dot_path(None, 64, 64) is None
+
+
+def test_weight_packing_layouts():
+    weight = torch.randint(-128, 128, (20, 8), dtype=torch.int8).numpy()
+    words, compensation = dot.pack_vnni_weight(weight)
+    assert words.shape == (2, 2, 16) and compensation.shape == (32,)
+    as_bytes = words.view(np.int8).reshape(2, 2, 16, 4)  # [N/16, K/4, 16, 4]
+    assert np.array_equal(as_bytes[1, 1, 3], weight[19, 4:8])
+    assert np.all(as_bytes[1, :, 4:] == 0)  # padding columns 20..31
+    assert np.array_equal(compensation[:20], -128 * weight.astype(np.int32).sum(1))
+    dp4a = dot.pack_dp4a_weight(weight)
+    assert dp4a.shape == (2, 20)
+    assert np.array_equal(dp4a.view(np.int8).reshape(2, 20, 4)[1, 7], weight[7, 4:8])
+    with pytest.raises(dot.Int8DotError, match="K % 4"):
+        dot.pack_vnni_weight(weight[:, :6])
+
+
+# -- the VNNI kernel's integers -------------------------------------------------------------------
+
+# (rows, K, N, symbolic rows): GEMV, a remainder tile of 3 rows after a full one (7), column
+# tails (N = 10, 24, 40), one vector a tile (N = 16), 4 vectors (N = 128), any batch.
+SHAPES = [(1, 256, 128, False), (7, 64, 24, False), (3, 32, 10, False), (8, 128, 16, False),
+          (5, 64, 40, True), (1, 16, 10, True)]
+
+
+@pytest.mark.parametrize("rows,k,n,symbolic", SHAPES, ids=[f"{m}x{k}x{n}{'-any' if s else ''}" for m, k, n, s in SHAPES])
+def test_vnni_accumulators_equal_the_integer_matmul(rows, k, n, symbolic):
+    import tvm
+
+    kernel = dot.vnni_linear_kernel(None if symbolic else rows, k, n, dot.Epilogue(raw=True))
+    built = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=_target(ZNVER4))
+    assert "vpdpbusd" in _llvm_asm(built)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    generator = torch.Generator().manual_seed(rows * 1000 + n)
+    weight = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator)
+    x = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=generator)
+    weight[0], x[0, :4] = 127, -128  # the extremes of both operands
+    words, compensation = dot.pack_vnni_weight(weight.numpy())
+    out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
+    built["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(words), tvm.runtime.tensor(compensation), out)
+    assert torch.equal(torch.from_numpy(out.numpy()).long(), x.long() @ weight.long().T)
+
+
+# -- compiled quantized models ----------------------------------------------------------------------
+
+class _Net(torch.nn.Module):
+    """Linear layers whose widths exercise whole vectors (64, 128) and a column tail (10)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                       torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _compile(model, inputs, pipeline, target, **options):
+    return oc.compile(model, inputs, pipeline=pipeline, target=target, kernels="tvm", cache="off", **options)
+
+
+MODES = ["quantize{mode=dynamic}", "quantize{mode=static}"]
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+@pytest.mark.parametrize("spec", MODES, ids=["dynamic", "static"])
+def test_vnni_model_equals_the_quantized_reference_and_the_plain_kernels(spec, batch):
+    model = _Net().eval()
+    inputs = (torch.randn(batch, 32, generator=torch.Generator().manual_seed(batch)),)
+    calibration = [(torch.randn(16, 32),)] if "static" in spec else None
+    pipeline = f"O1,{spec}"
+    reference, _ = oc.prune(model, inputs, pipeline, calibration_data=calibration)
+    vnni = _compile(model, inputs, pipeline, ZNVER4, calibration_data=calibration)
+    plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
+    assert not vnni.report.all_fallbacks()
+    assert "vpdpbusd" in "".join(_llvm_asm(e) for e in vnni.executables)
+    assert "vpdpbusd" not in "".join(_llvm_asm(e) for e in plain.executables)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    got, want = vnni(*inputs), reference(*inputs)
+    # The eager reference sums in float64 and rounds once; TVM's float32 epilogue may differ by
+    # float rounding, and (dynamic) a row scale a rounding apart can move a value by one step.
+    assert _relative_error(got, want) < (1e-2 if "dynamic" in spec else 1e-3)
+    # Same integers and the same epilogue expression as the plain kernels: bit-identical.
+    assert torch.equal(got, plain(*inputs))
+
+
+class _PointwiseNet(torch.nn.Module):
+    """A 3x3 conv (the plain int8 conv) between two 1x1 convs (the dot-product kernel), ReLUs
+    folded into the requantizing epilogues."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 16, 3, padding=1),
+                                        torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_vnni_pointwise_convs_equal_the_reference_and_the_plain_kernels():
+    model = _PointwiseNet().eval()
+    inputs = (torch.randn(2, 8, 6, 5),)
+    calibration = [(torch.randn(4, 8, 6, 5),)]
+    pipeline = "O1,quantize{mode=static}"
+    reference, report = oc.prune(model, inputs, pipeline, calibration_data=calibration)
+    assert report.passes[-1].stats["requantized"] >= 1
+    vnni = _compile(model, inputs, pipeline, ZNVER4, calibration_data=calibration)
+    plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
+    assert "vpdpbusd" in "".join(_llvm_asm(e) for e in vnni.executables)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    got = vnni(*inputs)
+    assert _relative_error(got, reference(*inputs)) < 1e-3
+    assert torch.equal(got, plain(*inputs))
+
+
+@needs_vnni_host
+def test_vnni_any_batch_serves_every_batch_size():
+    model = _Net().eval()
+    x = torch.randn(6, 32)
+    reference, _ = oc.prune(model, (x,), "O1,quantize{mode=dynamic}")
+    compiled = _compile(model, (x,), "O1,quantize{mode=dynamic}", "llvm", dynamic_shapes=({0: torch.export.Dim("B")},))
+    assert "vpdpbusd" in "".join(_llvm_asm(e) for e in compiled.executables)
+    for batch in (1, 5, 9):  # one row, a remainder after a full 4-row tile, two tiles and one row
+        x = torch.randn(batch, 32)
+        assert _relative_error(compiled(x), reference(x)) < 1e-2
+
+
+@needs_vnni_host
+def test_vnni_zoo_transformer_dynamic_matches_the_reference():
+    model, inputs = oc.zoo.get("transformer")
+    pipeline = "O1,quantize{mode=dynamic}"
+    reference, _ = oc.prune(model, inputs, pipeline)
+    compiled = _compile(model, inputs, pipeline, "llvm")
+    assert {k.layout for k in compiled.report.kernels if k.op in quant.QUANT_OP_NAMES} == {"integer"}
+    assert "vpdpbusd" in "".join(_llvm_asm(e) for e in compiled.executables)
+    got, want = compiled(*inputs), reference(*inputs)
+    got, want = (got if isinstance(got, torch.Tensor) else got[0]), (want if isinstance(want, torch.Tensor) else want[0])
+    assert _relative_error(got, want) < 1e-2
+
+
+# -- CUDA dp4a ----------------------------------------------------------------------------------------
+
+CUDA_CASES = [("linear", "quantize{mode=dynamic}"), ("linear", "quantize{mode=static}"),
+              ("pointwise-conv", "quantize{mode=static}")]
+
+
+@pytest.mark.parametrize("net,spec", CUDA_CASES, ids=["linear-dynamic", "linear-static", "pointwise-conv-static"])
+def test_cuda_int8_layers_use_dp4a_and_nvcc_compiles_them(net, spec):
+    from orca_compiler.lowering.relax_build import cuda_source
+
+    model = (_Net() if net == "linear" else _PointwiseNet()).eval()
+    shape = (4, 32) if net == "linear" else (2, 8, 6, 5)
+    inputs = (torch.randn(*shape),)
+    calibration = [(torch.randn(*shape),)] if "static" in spec else None
+    compiled = oc.compile(model, inputs, target="cuda", pipeline=f"O1,{spec}", calibration_data=calibration,
+                          cache="off")
+    assert compiled.report.fallbacks == []
+    source = "".join(cuda_source(e) for e in compiled.executables)
+    # every int8 linear (3) or pointwise conv (2), for each row a thread accumulates
+    assert source.count("__dp4a(") >= (3 if net == "linear" else 2) * dot.DP4A_ROWS
+    if shutil.which("nvcc"):
+        import tvm
+        from tvm.support import nvcc
+
+        with tvm.target.Target({"kind": "cuda", "arch": "sm_80"}):
+            assert len(nvcc.compile_cuda(source, target_format="cubin", arch="sm_80", compiler="nvcc")) > 1000
