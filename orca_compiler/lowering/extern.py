@@ -173,7 +173,11 @@ def _quantized_linear_fits(node: fx.Node) -> bool:
     weight: the input computed at run time, float32 on CPU, the weights and bias constant."""
     x, bias = node.args[0], node.args[3]
     extra = [a for a in node.args[4:5] if isinstance(a, fx.Node)]  # linear_dq's smoothing factor
-    constants = [*node.args[1:3]] + ([] if bias is None else [bias]) + extra
+    return _float_input_constant_weights(x, [*node.args[1:3]] + ([] if bias is None else [bias]) + extra)
+
+
+def _float_input_constant_weights(x, constants: list) -> bool:
+    """`x` is computed at run time, float32 on CPU, and every one of `constants` is a weight."""
     if not isinstance(x, fx.Node) or x.op == "get_attr":
         return False
     if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in constants):
@@ -202,12 +206,7 @@ def _quantized_conv_fits(node: fx.Node) -> bool:
     """A weight-only quantized conv2d a float32 convolution can run on its dequantized weight: the input computed
     at run time, float32 on CPU, the weights and bias constant."""
     x, qweight, scales, bias = node.args[:4]
-    constants = [qweight, scales] + ([] if bias is None else [bias])
-    if not isinstance(x, fx.Node) or x.op == "get_attr":
-        return False
-    if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in constants):
-        return False
-    return _val(x).dtype == torch.float32 and _val(x).device.type == "cpu"
+    return _float_input_constant_weights(x, [qweight, scales] + ([] if bias is None else [bias]))
 
 
 def _make_float_conv_wq(node, args, kwargs):
