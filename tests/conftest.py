@@ -36,6 +36,21 @@ def assert_outputs_close(expected, actual, rtol: float = RTOL, atol: float = ATO
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||."""
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models and kernels: one torch thread is as fast, and is not stalled when the other
+    core is busy. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():

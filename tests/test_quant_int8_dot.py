@@ -19,6 +19,8 @@ import orca_compiler as oc
 from orca_compiler.lowering import int8_dot_kernels as dot
 from orca_compiler.ops import quant
 
+from conftest import relative_error
+
 ZNVER4 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}
 ZNVER3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2}
 
@@ -35,13 +37,7 @@ HOST_VNNI = _host_has_vnni()
 needs_vnni_host = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512_vnni: code generated, not run")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small kernels: one thread is as fast and is not stalled when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _target(spec: dict):
@@ -61,8 +57,6 @@ def _llvm_asm(executable) -> str:
     return "\n".join(text)
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12))
 
 
 # -- which kernel a target gets -------------------------------------------------------------------
@@ -159,7 +153,7 @@ def test_vnni_model_equals_the_quantized_reference_and_the_plain_kernels(spec, b
     got, want = vnni(*inputs), reference(*inputs)
     # The eager reference sums in float64 and rounds once; TVM's float32 epilogue may differ by
     # float rounding, and (dynamic) a row scale a rounding apart can move a value by one step.
-    assert _relative_error(got, want) < (1e-2 if "dynamic" in spec else 1e-3)
+    assert relative_error(got, want) < (1e-2 if "dynamic" in spec else 1e-3)
     # Same integers and the same epilogue expression as the plain kernels: bit-identical.
     assert torch.equal(got, plain(*inputs))
 
@@ -191,7 +185,7 @@ def test_vnni_pointwise_convs_equal_the_reference_and_the_plain_kernels():
     if not HOST_VNNI:
         pytest.skip("host CPU lacks avx512_vnni")
     got = vnni(*inputs)
-    assert _relative_error(got, reference(*inputs)) < 1e-3
+    assert relative_error(got, reference(*inputs)) < 1e-3
     assert torch.equal(got, plain(*inputs))
 
 
@@ -204,7 +198,7 @@ def test_vnni_any_batch_serves_every_batch_size():
     assert "vpdpbusd" in "".join(_llvm_asm(e) for e in compiled.executables)
     for batch in (1, 5, 9):  # one row, a remainder after a full 4-row tile, two tiles and one row
         x = torch.randn(batch, 32)
-        assert _relative_error(compiled(x), reference(x)) < 1e-2
+        assert relative_error(compiled(x), reference(x)) < 1e-2
 
 
 @needs_vnni_host
@@ -217,7 +211,7 @@ def test_vnni_zoo_transformer_dynamic_matches_the_reference():
     assert "vpdpbusd" in "".join(_llvm_asm(e) for e in compiled.executables)
     got, want = compiled(*inputs), reference(*inputs)
     got, want = (got if isinstance(got, torch.Tensor) else got[0]), (want if isinstance(want, torch.Tensor) else want[0])
-    assert _relative_error(got, want) < 1e-2
+    assert relative_error(got, want) < 1e-2
 
 
 # -- CUDA dp4a ----------------------------------------------------------------------------------------

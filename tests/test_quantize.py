@@ -16,20 +16,14 @@ from orca_compiler import trained, zoo
 from orca_compiler.errors import PassError, PipelineError
 from orca_compiler.ops import quant
 
+from conftest import relative_error
+
 BATCH = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast and is not stalled when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
 def _first(out):
@@ -81,8 +75,8 @@ def test_integer_kernels_equal_the_reference_and_stay_near_float(name, quantize,
     got, want = _first(compiled(*inputs)), _first(reference(*inputs))
     # TVM sums in another order, and a dynamic row scale computed a rounding apart can move a
     # value by one quantization step: far below the quantization error itself.
-    assert _relative_error(got, want) < (1e-2 if "dynamic" in quantize else 2e-3)
-    assert _relative_error(got, expected) < float_bound
+    assert relative_error(got, want) < (1e-2 if "dynamic" in quantize else 2e-3)
+    assert relative_error(got, expected) < float_bound
 
 
 def test_weight_bytes_shrink_as_the_dtype_says():
@@ -125,7 +119,7 @@ def test_static_int8_digits_cnn_loses_under_one_percent_and_chains_int8():
     accuracy = base.accuracy(compiled, BATCH)
     assert baseline - accuracy < 0.01, (baseline, accuracy)
     x = base.example_inputs(BATCH)[0]
-    assert _relative_error(compiled(x), reference(x)) < 1e-3
+    assert relative_error(compiled(x), reference(x)) < 1e-3
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet"])
@@ -139,8 +133,8 @@ def test_static_int8_after_fusion_handles_residuals_and_depthwise_convs(name):
     compiled = oc.compile(model, inputs, pipeline=pipeline, calibration_data=[inputs], kernels="tvm")
     assert not compiled.report.all_fallbacks() and report.passes[-1].stats["requantized"] >= 1
     got = _first(compiled(*inputs))
-    assert _relative_error(got, _first(reference(*inputs))) < 1e-3
-    assert _relative_error(got, _first(model(*inputs))) < 0.03
+    assert relative_error(got, _first(reference(*inputs))) < 1e-3
+    assert relative_error(got, _first(model(*inputs))) < 0.03
 
 
 @pytest.mark.parametrize("observer", ["percentile", "mse"])
@@ -198,8 +192,8 @@ def test_sensitivity_ranks_layers_and_skipping_the_worst_helps():
     expected = _first(model(*inputs))
     everything, _ = oc.prune(model, inputs, f"O1,{spec}")
     all_but_worst, _ = oc.prune(model, inputs, f"O1,quantize{{mode=weight-only,dtype=int4,skip={ranking[0].layer}}}")
-    assert (_relative_error(_first(all_but_worst(*inputs)), expected)
-            < _relative_error(_first(everything(*inputs)), expected))
+    assert (relative_error(_first(all_but_worst(*inputs)), expected)
+            < relative_error(_first(everything(*inputs)), expected))
 
 
 # -- a real pretrained transformer ---------------------------------------------------------------------

@@ -19,20 +19,15 @@ from orca_compiler.errors import PassError
 from orca_compiler.ops import quant
 from orca_compiler.ops import rnn as rnn_ops
 
+from conftest import relative_error
+
 BATCH = 64
 SCANS_Q = (rnn_ops.LSTM_SCAN_Q, rnn_ops.GRU_SCAN_Q)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
 def _leaves(out) -> list[torch.Tensor]:
@@ -81,8 +76,8 @@ def test_recurrent_weights_are_integer_and_the_kernels_equal_the_reference(name,
     assert not compiled.report.all_fallbacks()
     got, want = _leaves(compiled(*inputs)), _leaves(reference(*inputs))
     for g, w, e in zip(got, want, expected):  # the output, then h_n (and c_n)
-        assert _relative_error(g, w) < ref_bound
-        assert _relative_error(g, e) < float_bound
+        assert relative_error(g, w) < ref_bound
+        assert relative_error(g, e) < float_bound
 
 
 def test_recurrent_weight_bytes_shrink_and_skip_keeps_a_scan_float():
@@ -167,8 +162,8 @@ def test_weight_only_convs_equal_the_reference_and_stay_near_float(name, base, q
     assert not compiled.report.all_fallbacks()
     assert {k.layout for k in compiled.report.kernels if k.op == "orca.conv2d_wq"} == {"integer"}
     got = compiled(*inputs)
-    assert _relative_error(got, reference(*inputs)) < 1e-4
-    assert _relative_error(got, expected) < float_bound
+    assert relative_error(got, reference(*inputs)) < 1e-4
+    assert relative_error(got, expected) < float_bound
 
 
 def test_in_register_and_prologue_dequantization_agree(monkeypatch):
@@ -180,7 +175,7 @@ def test_in_register_and_prologue_dequantization_agree(monkeypatch):
     for in_kernel in (True, False):
         monkeypatch.setattr(quant_conv_kernels, "DEQUANTIZE_IN_KERNEL", in_kernel)
         compiled = oc.compile(model, inputs, pipeline=pipeline, kernels="tvm", cache="off")
-        assert _relative_error(compiled(*inputs), want) < 1e-4
+        assert relative_error(compiled(*inputs), want) < 1e-4
 
 
 def test_float_kernels_on_the_dequantized_conv_weight_say_memory_not_time():
@@ -192,7 +187,7 @@ def test_float_kernels_on_the_dequantized_conv_weight_say_memory_not_time():
     assert len(convs) == 15 and {k.choice for k in convs} == {"mkldnn"} and {k.layout for k in convs} == {"float32"}
     sentences = [s for s in compiled.report.quantized_layers() if "conv2d_wq" in s]
     assert len(sentences) == 15 and all("saved the stored weight's memory, not time" in s for s in sentences)
-    assert _relative_error(compiled(*inputs), want) < 1e-4
+    assert relative_error(compiled(*inputs), want) < 1e-4
 
 
 @pytest.mark.parametrize("quantize", ["quantize{mode=weight-only,dtype=int8}", "quantize{dtype=int4,group=32}"])
@@ -208,7 +203,7 @@ def test_weight_only_digits_cnn_loses_under_one_percent(quantize):
     baseline = base.accuracy(base.model, BATCH)
     assert baseline - base.accuracy(compiled, BATCH) < 0.01
     x = inputs[0]
-    assert _relative_error(compiled(x), reference(x)) < 1e-4
+    assert relative_error(compiled(x), reference(x)) < 1e-4
 
 
 def test_sensitivity_lists_convs_and_recurrent_weights():
