@@ -70,15 +70,11 @@ class WeightPool:
             self.used -= tensor.numel() * tensor.element_size()
             self._cond.notify_all()
 
-    def load(self, weight: torch.Tensor, read=None) -> torch.Tensor:
-        """A pool-resident copy of `weight` (waits for room); `read(weight, into)` fills it where
-        given (the stream's file reader), else a tensor copy."""
+    def load(self, weight: torch.Tensor, read) -> torch.Tensor:
+        """A pool-resident copy of `weight` (waits for room), filled by `read(weight, into)`."""
         copy = self.allocate(weight)
         start = time.perf_counter()
-        if read is None:
-            copy.copy_(weight)
-        else:
-            read(weight, copy)
+        read(weight, copy)
         seconds = time.perf_counter() - start
         with self._cond:
             self.bytes_moved += copy.numel() * copy.element_size()
@@ -205,9 +201,9 @@ def map_weights(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     with open(path, "wb") as f:
         for name, tensor in tensors.items():
             offsets[name] = size
-            raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            f.write(raw)
-            size += len(raw)
+            raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(raw)  # the tensor's own buffer: no bytes copy of it
+            size += raw.nbytes
             pad = _aligned(size) - size
             f.write(b"\0" * pad)
             size += pad
