@@ -71,6 +71,9 @@ SEGMENT_OVERHEAD = 20e-6
 # A prefetch pays only if this much compute runs between it and its fetch: handing a copy to the
 # background thread and back costs tens of microseconds, and the copy takes a core from the kernels.
 PREFETCH_MIN_OVERLAP = 200e-6
+# A streamed weight takes a region of the pool that starts on this boundary (the alignment TVM's
+# kernels and torch's allocator give a tensor), so the pool counts its bytes rounded up to it.
+POOL_ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,16 @@ class WeightUse:
     def name(self) -> str:
         return self.node.name
 
+    @property
+    def footprint(self) -> int:
+        """The bytes it takes in the pool: its region, rounded up to POOL_ALIGNMENT."""
+        return pool_footprint(self.nbytes)
+
+
+def pool_footprint(nbytes: int) -> int:
+    """Bytes a streamed weight of `nbytes` takes in the pool (the runtime counts the same)."""
+    return -(-nbytes // POOL_ALIGNMENT) * POOL_ALIGNMENT
+
 
 @dataclass
 class Placement:
@@ -232,7 +245,7 @@ def working_set(weights: list[WeightUse], steps: int) -> tuple[int, int]:
     totals = [0] * max(steps, 1)
     for w in weights:
         for s in range(w.first, w.last + 1):
-            totals[s] += w.nbytes
+            totals[s] += w.footprint
     best = max(range(len(totals)), key=totals.__getitem__)
     return totals[best], best
 
@@ -242,8 +255,8 @@ def double_buffered_set(weights: list[WeightUse], steps: int) -> int:
     order = sorted(weights, key=lambda w: (w.first, w.name))
     need = 0
     for s in range(steps):
-        live = sum(w.nbytes for w in weights if w.first <= s <= w.last)
-        upcoming = next((w.nbytes for w in order if w.first > s), 0)
+        live = sum(w.footprint for w in weights if w.first <= s <= w.last)
+        upcoming = next((w.footprint for w in order if w.first > s), 0)
         need = max(need, live + upcoming)
     return need
 
@@ -279,7 +292,7 @@ def _exposed_per_byte(w: WeightUse, ops: list[float], bandwidth: float) -> float
 
 
 def _overlapping_bytes(weights: list[WeightUse], start: int, end: int) -> int:
-    return sum(w.nbytes for w in weights if w.first <= end and w.last >= start)
+    return sum(w.footprint for w in weights if w.first <= end and w.last >= start)
 
 
 def segments(streamed: list[WeightUse], steps: int, capacity: int) -> list[tuple[int, int]]:
@@ -311,7 +324,7 @@ def _prefetch_steps(plan: Placement) -> dict[str, int]:
     for w in sorted(plan.streamed, key=lambda w: (w.first, w.name)):
         fetch = plan.fetch_at[w.name]
         step = next((b for b in starts if earliest <= b < fetch
-                     and sum(o.nbytes for o in issued if plan.release_after[o.name] >= b) + w.nbytes <= plan.pool_bytes),
+                     and sum(o.footprint for o in issued if plan.release_after[o.name] >= b) + w.footprint <= plan.pool_bytes),
                     fetch)
         earliest = step
         issued.append(w)
@@ -354,6 +367,7 @@ def _choose_streamed(weights: list[WeightUse], steps: int, budget: int, ops: lis
                              f"budget is {resident_bytes + need(streamed, steps)} bytes")
     for w in sorted(streamed, key=lambda w: (-_exposed_per_byte(w, ops, slow), w.first, w.name)):
         rest = [o for o in streamed if o is not w]
+        # resident bytes are exact; the pool's (need) are counted as regions (footprint)
         if resident_bytes + w.nbytes + need(rest, steps) <= budget:
             streamed = rest
             resident_bytes += w.nbytes
@@ -391,7 +405,7 @@ def plan_placement(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "p
     if budget < minimum:
         node = ir.compute_nodes()[at_step]
         live = sorted((w for w in weights if w.first <= at_step <= w.last), key=lambda w: -w.nbytes)
-        names = ", ".join(f"%{w.name} ({w.nbytes:,})" for w in live[:4]) + (", ..." if len(live) > 4 else "")
+        names = ", ".join(f"%{w.name} ({w.footprint:,})" for w in live[:4]) + (", ..." if len(live) > 4 else "")
         raise PassInputError(
             f"a fast-tier budget of {budget:,} bytes is too small: %{node.name} (step {at_step}) needs its "
             f"weights {names} in the fast tier at once; the minimum feasible budget is {minimum} bytes "

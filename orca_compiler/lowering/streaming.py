@@ -10,23 +10,36 @@ When a partitioned program holds placement ops (orca_compiler/ops/placement.py),
    copy on the stream's one background thread, fetch waits for it (or, where there was no
    prefetch, copies right away), release hands the bytes back.
 
-A copy reads the weight's bytes from the file with `os.preadv` straight into its pool buffer
-(the mapped tensor is never touched, so its pages do not stay in RAM): one system call that
-releases the GIL, so the background thread reads while the main thread runs TVM (whose calls
-release the GIL too), and a cold read waits on the disk, not on a core. Where the page cache
-holds the file, the read is a kernel memcpy. `WeightStream.evict()` drops the file from the
-page cache (posix_fadvise), which is how the benchmark measures reads from the disk itself.
+**The pool is one arena** of the pool's capacity, page-aligned anonymous memory allocated once
+(so a call touches no fresh pages), and each streamed weight has a region in it, planned when the
+program is bound (`plan_regions`): the placement ops are one chain that runs in a fixed order, so
+replaying it (allocate at the prefetch, or at the fetch where there is none; free at the release)
+gives regions that never overlap a region still in use, whichever thread copies. Where the chain's
+regions do not fit the capacity (fragmentation), each copy gets its own buffer instead, and
+`stats()["arena"]` says so.
+
+**Reads need no core.** A copy reads the weight's bytes from the file straight into its region:
+the page-multiple part through a second descriptor opened with O_DIRECT (the disk's DMA writes
+the region; no page cache, no kernel memcpy), the tail through the ordinary one (`os.preadv`,
+which releases the GIL like TVM's calls, so the background thread reads while the main thread
+computes). On 2 cores this is what lets a prefetch overlap compute at all: a buffered read of
+the page cache is a memcpy that takes a core from the kernels. File offsets and regions are
+page-aligned for that. Where the file system refuses O_DIRECT (tmpfs), or after
+`set_direct_io(False)`, every read is buffered; then `evict()` (posix_fadvise) drops the file
+from the page cache, which is how the benchmark measures buffered reads from the disk itself.
 The stream times its copies (`copy_seconds`, on whichever thread) and how long the main thread
 waited in fetches (`wait_seconds`): the transfer time prefetching did not hide.
 
-`WeightPool` is a byte-counting allocator with a condition variable: an allocation waits while
-the pool would go over its capacity, so the pool never holds more than its budget, whatever the
-plan. It records its high-water mark and the bytes copied into it; tests assert both against the
-plan. The first placement op of each call first drops what a call that raised half-way left in
-the pool. One call at a time: the stream is per program, not per thread.
+`WeightPool` counts bytes under a condition variable: an allocation waits while the pool would
+go over its capacity, so the pool never holds more than its budget, whatever the plan. It records
+its high-water mark and the bytes copied into it; tests assert both against the plan. The first
+placement op of each call first drops what a call that raised half-way left in the pool. One call
+at a time: the stream is per program, not per thread.
 """
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
 import time
@@ -38,46 +51,102 @@ import torch
 import torch.fx as fx
 
 from ..ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
+from ..placement import pool_footprint
 from .support import register_host_op
 
-ALIGNMENT = 64
+# O_DIRECT reads need the buffer, the file offset and the length aligned to the device's block
+# (512 or 4096 bytes): each weight sits in the file at an offset congruent to its pool region's
+# modulo PAGE, so the page-aligned middle of every region is read directly.
+PAGE = 4096
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_regions(events: list[tuple[str, object, int]], capacity: int) -> dict | None:
+    """Offsets (POOL_ALIGNMENT-aligned) in a pool of `capacity` bytes for a fixed sequence of
+    ("alloc", key, nbytes) / ("free", key, 0) events, first fit; None where fragmentation would
+    take the pool over its capacity."""
+    holes = [(0, capacity)]  # (start, end), sorted, disjoint
+    where: dict = {}
+    for kind, key, nbytes in events:
+        if kind == "alloc":
+            size = pool_footprint(max(nbytes, 1))
+            i = next((i for i, (a, b) in enumerate(holes) if b - a >= size), None)
+            if i is None:
+                return None
+            a, b = holes[i]
+            where[key] = (a, size)
+            holes[i:i + 1] = [(a + size, b)] if a + size < b else []
+        else:
+            a, size = where[key]
+            holes.append((a, a + size))
+            holes.sort()
+            merged = [holes[0]]
+            for start, end in holes[1:]:
+                if start <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+                else:
+                    merged.append((start, end))
+            holes = merged
+    return {key: offset for key, (offset, _) in where.items()}
 
 
 class WeightPool:
-    """Fast-tier bytes for streamed weights: at most `capacity` allocated at any time."""
+    """Fast-tier bytes for streamed weights: at most `capacity` allocated at any time. With
+    `regions` (a key's offset, from plan_regions), the bytes are one page-aligned arena allocated
+    once and a weight given with its key lands in its region."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, regions: dict | None = None):
         self.capacity = capacity
         self.used = 0
         self.high_water = 0
         self.bytes_moved = 0
+        self.direct_bytes = 0  # of bytes_moved, those read with O_DIRECT (no page cache, no memcpy)
         self.copies = 0
         self.copy_seconds = 0.0
         self._cond = threading.Condition()
+        self._regions = regions or {}
+        self._arena = None
+        if self._regions:
+            self._mmap = mmap.mmap(-1, max(capacity, 1))  # anonymous: page-aligned, zero-filled
+            self._arena = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
-    def allocate(self, like: torch.Tensor) -> torch.Tensor:
-        nbytes = like.numel() * like.element_size()
+    @property
+    def arena(self) -> bool:
+        """Whether the pool is one planned arena (else each copy gets its own buffer)."""
+        return self._arena is not None
+
+    def allocate(self, like: torch.Tensor, key=None) -> torch.Tensor:
+        """Room for a copy of `like` (waits while the pool is full), counted as its region."""
+        nbytes = pool_footprint(_nbytes(like))
         if nbytes > self.capacity:
             raise MemoryError(f"a {nbytes:,}-byte weight cannot fit a pool of {self.capacity:,} bytes")
         with self._cond:
             self._cond.wait_for(lambda: self.used + nbytes <= self.capacity)
             self.used += nbytes
             self.high_water = max(self.high_water, self.used)
-        return torch.empty(like.shape, dtype=like.dtype)
+        offset = self._regions.get(key) if self._arena is not None else None
+        if offset is None:
+            return torch.empty(like.shape, dtype=like.dtype)
+        return self._arena[offset:offset + _nbytes(like)].view(like.dtype).reshape(like.shape)
 
     def free(self, tensor: torch.Tensor) -> None:
         with self._cond:
-            self.used -= tensor.numel() * tensor.element_size()
+            self.used -= pool_footprint(_nbytes(tensor))
             self._cond.notify_all()
 
-    def load(self, weight: torch.Tensor, read) -> torch.Tensor:
-        """A pool-resident copy of `weight` (waits for room), filled by `read(weight, into)`."""
-        copy = self.allocate(weight)
+    def load(self, weight: torch.Tensor, read, key=None) -> torch.Tensor:
+        """A pool-resident copy of `weight` (waits for room; in `key`'s region), filled by
+        `read(weight, into)`, which returns how many of the bytes it read directly."""
+        copy = self.allocate(weight, key)
         start = time.perf_counter()
-        read(weight, copy)
+        direct = read(weight, copy)
         seconds = time.perf_counter() - start
         with self._cond:
-            self.bytes_moved += copy.numel() * copy.element_size()
+            self.direct_bytes += direct
+            self.bytes_moved += _nbytes(copy)
             self.copies += 1
             self.copy_seconds += seconds
         return copy
@@ -86,41 +155,77 @@ class WeightPool:
         """Start counting the high-water mark, bytes moved, copies and copy time afresh (e.g. per call)."""
         with self._cond:
             self.high_water, self.bytes_moved, self.copies, self.copy_seconds = self.used, 0, 0, 0.0
+            self.direct_bytes = 0
 
     def stats(self) -> dict:
-        return {"capacity": self.capacity, "used": self.used, "high_water": self.high_water,
-                "bytes_moved": self.bytes_moved, "copies": self.copies, "copy_seconds": self.copy_seconds}
+        return {"capacity": self.capacity, "used": self.used, "high_water": self.high_water, "arena": self.arena,
+                "bytes_moved": self.bytes_moved, "direct_bytes": self.direct_bytes, "copies": self.copies,
+                "copy_seconds": self.copy_seconds}
 
 
 class WeightStream:
     """The placement ops of one program: a pool, a background copier and the pending copies."""
 
-    def __init__(self, capacity: int, path: str | None = None, offsets: dict[int, int] | None = None):
-        self.pool = WeightPool(capacity)
+    def __init__(self, capacity: int, path: str | None = None, offsets: dict[int, int] | None = None,
+                 regions: dict[int, int] | None = None):
+        """`offsets`: a mapped weight's data_ptr -> its byte offset in the file at `path`;
+        `regions`: a data_ptr -> its offset in the pool's arena (plan_regions)."""
+        self.pool = WeightPool(capacity, regions)
         self.wait_seconds = 0.0
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
-        self._offsets = offsets or {}  # a mapped weight's data_ptr -> its offset in the file
-        self._fd = os.open(path, os.O_RDONLY) if path is not None else None
-        if self._fd is not None:
+        self._offsets = offsets or {}
+        self._fd = self._direct_fd = None
+        if path is not None:
+            self._fd = os.open(path, os.O_RDONLY)
             weakref.finalize(self, os.close, self._fd)
+            self.set_direct_io(True, path)
 
-    def _read(self, weight: torch.Tensor, into: torch.Tensor) -> None:
-        """Fill `into` with `weight`'s bytes, read from the weights file where it came from."""
+    def set_direct_io(self, on: bool, path: str | None = None) -> bool:
+        """Read through O_DIRECT (on) or the page cache (off); returns whether reads are direct.
+        O_DIRECT stays off where the file system refuses it."""
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        if on and self._fd is not None and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(path or f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                return False
+            weakref.finalize(self, _close_quietly, self._direct_fd)
+        return self._direct_fd is not None
+
+    @property
+    def direct_io(self) -> bool:
+        return self._direct_fd is not None
+
+    def _read(self, weight: torch.Tensor, into: torch.Tensor) -> int:
+        """Fill `into` with `weight`'s bytes, read from the weights file where it came from: the
+        whole pages in the middle with O_DIRECT where `into` and the file agree modulo PAGE, the
+        head and tail (and everything else) buffered. Returns the bytes read directly."""
         offset = self._offsets.get(weight.data_ptr())
         if offset is None or self._fd is None:
             into.copy_(weight)
-            return
+            return 0
         view = memoryview(into.view(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < len(view):  # preadv may return fewer bytes than asked
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"the streamed weights file ended at byte {offset + done:,}")
-            done += got
+        head = tail = len(view)
+        if self._direct_fd is not None and (into.data_ptr() - offset) % PAGE == 0:
+            head = min(-into.data_ptr() % PAGE, len(view))
+            tail = head + (len(view) - head) // PAGE * PAGE
+        if tail > head:
+            try:
+                _read_all(self._direct_fd, view[head:tail], offset + head)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.set_direct_io(False)  # the device wants another alignment: buffered from now on
+                head = tail = len(view)
+        _read_all(self._fd, view[:head], offset)
+        _read_all(self._fd, view[tail:], offset + tail)
+        return tail - head
 
     def _load(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.pool.load(weight, self._read)
+        return self.pool.load(weight, self._read, weight.data_ptr())
 
     def evict(self) -> None:
         """Drop the weights file from the page cache, so the next reads come from the disk."""
@@ -134,8 +239,9 @@ class WeightStream:
         self.wait_seconds = 0.0
 
     def stats(self) -> dict:
-        """The pool's counters plus `wait_seconds`: time the main thread spent in fetches."""
-        return {**self.pool.stats(), "wait_seconds": self.wait_seconds}
+        """The pool's counters plus `wait_seconds` (time the main thread spent in fetches) and
+        `direct_io` (whether reads bypass the page cache)."""
+        return {**self.pool.stats(), "wait_seconds": self.wait_seconds, "direct_io": self.direct_io}
 
     def _copier(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -185,13 +291,27 @@ class WeightStream:
 _TOKEN = torch.empty(0, dtype=torch.uint8)
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+def _read_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):  # preadv may return fewer bytes than asked
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"the streamed weights file ended at byte {offset + done:,}")
+        done += got
 
 
-def map_weights(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, dict[str, int]]:
-    """Write `tensors` into one new file; return memory-mapped tensors of it, its path and each
-    tensor's byte offset in it."""
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def map_weights(tensors: dict[str, torch.Tensor], residues: dict[str, int] | None = None
+                ) -> tuple[dict[str, torch.Tensor], str, dict[str, int]]:
+    """Write `tensors` into one new file, each at an offset congruent to `residues[name]` (0 by
+    default) modulo PAGE, and sync it to the disk (so direct reads need not wait for write-back);
+    return memory-mapped tensors of it, its path and each tensor's byte offset in it."""
     from ..cache_dir import cache_dir
 
     folder = cache_dir() / "streamed"
@@ -200,13 +320,15 @@ def map_weights(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     offsets, size = {}, 0
     with open(path, "wb") as f:
         for name, tensor in tensors.items():
+            pad = ((residues or {}).get(name, 0) - size) % PAGE
+            f.write(b"\0" * pad)
+            size += pad
             offsets[name] = size
             raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             f.write(raw)  # the tensor's own buffer: no bytes copy of it
             size += raw.nbytes
-            pad = _aligned(size) - size
-            f.write(b"\0" * pad)
-            size += pad
+        f.flush()
+        os.fsync(f.fileno())
     mapped = torch.from_file(str(path), shared=False, size=max(size, 1), dtype=torch.uint8)
     views = {}
     for name, tensor in tensors.items():
@@ -239,13 +361,16 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     capacity = max(n.args[2] for n in nodes if n.target in (PREFETCH, FETCH))
     # in the order the program reads them: a segment's weights are one run of the file
     names = list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
-    views, path, offsets = map_weights({name: getattr(parent, name) for name in names})
+    weights = {name: getattr(parent, name) for name in names}
+    regions = plan_regions(_pool_events(nodes, weights), capacity) or {}
+    views, path, offsets = map_weights(weights, {name: offset % PAGE for name, offset in regions.items()})
     for name, view in views.items():
         original = getattr(parent, name)
         _swap_buffer(parent, name, view)
         if source is not None and getattr(source, name, None) is original:
             _swap_buffer(source, name, view)
-    stream = WeightStream(capacity, path, {views[name].data_ptr(): offsets[name] for name in names})
+    stream = WeightStream(capacity, path, {views[name].data_ptr(): offsets[name] for name in names},
+                          {views[name].data_ptr(): offset for name, offset in regions.items()})
     calls = {PREFETCH: stream.prefetch, FETCH: stream.fetch, RELEASE: stream.release}
     for node in nodes:
         node.target = calls[node.target]
@@ -255,9 +380,22 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     weakref.finalize(parent, _remove, path)
 
 
-def _remove(path: str) -> None:
-    import os
+def _pool_events(nodes: list[fx.Node], views: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
+    """The pool's allocations and frees in the order the placement chain runs them: a weight is
+    allocated at its prefetch (or its fetch, where none) and freed at its release."""
+    events, allocated = [], set()
+    for node in nodes:
+        if node.target == RELEASE:
+            events.append(("free", node.args[0].args[0].target, 0))
+            allocated.discard(node.args[0].args[0].target)
+        elif node.args[0].target not in allocated:
+            name = node.args[0].target
+            allocated.add(name)
+            events.append(("alloc", name, _nbytes(views[name])))
+    return events
 
+
+def _remove(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
