@@ -30,7 +30,11 @@ describes them, but only the CPU pair is implemented by the runtime. The pipelin
 5. Prefetches are issued in first-use order, at segment starts, each as early as the pool has
    room for it once the releases before it have run, and only where at least
    PREFETCH_MIN_OVERLAP of compute runs between it and its fetch (a shorter overlap hides less
-   than the hand-off to the background thread costs). Because every prefetch is placed where the
+   than the hand-off to the background thread costs). **Wrap-around:** the first segment's
+   weights have nothing before them in a call, so they are prefetched for the next call during
+   the tail of this one, from the first segment start after their release where the pool has room
+   for them until the call ends (inference runs call after call; the first call reads them when
+   it starts). Because every prefetch is placed where the
    pool has room, the background copies never wait on the pool in a valid plan; the pool's own
    bound is the safety net. policy=naive issues none: each weight is copied when its segment
    starts, with nothing to overlap. policy=prefetch plans both ways (double-buffered segments,
@@ -197,11 +201,16 @@ class Placement:
     segments: list[tuple[int, int]] = field(default_factory=list)  # [first, last] steps of each
     fetch_at: dict[str, int] = field(default_factory=dict)  # the step before which it is fetched
     release_after: dict[str, int] = field(default_factory=dict)  # the step after which it is released
-    prefetch_at: dict[str, int] = field(default_factory=dict)
+    prefetch_at: dict[str, int] = field(default_factory=dict)  # after fetch_at: a prefetch for the next call
     min_budget: int = 0
     op_seconds: list[float] = field(default_factory=list)
     estimated_seconds: float = 0.0  # ops plus the copies that could not be hidden
     compute_seconds: float = 0.0
+
+    @property
+    def wrapped(self) -> list[str]:
+        """Weights prefetched at the end of a call for the next one (wrap-around)."""
+        return [name for name, step in self.prefetch_at.items() if step > self.fetch_at[name]]
 
     @property
     def resident(self) -> list[WeightUse]:
@@ -333,15 +342,42 @@ def _prefetch_steps(plan: Placement) -> dict[str, int]:
     return at
 
 
+def _wrap_around_steps(plan: Placement, at: dict[str, int]) -> dict[str, int]:
+    """Prefetch steps, in the previous call, of the first segment's weights (see the module
+    docstring): the first segment start after the weight's release from which the pool has room
+    for it to the end of the call, given the prefetches `at`; only where PREFETCH_MIN_OVERLAP of
+    compute runs from there to the end."""
+    steps = len(plan.op_seconds)
+    held = [0] * steps  # the pool's planned bytes at each step
+    for w in plan.streamed:
+        for s in range(at.get(w.name, plan.fetch_at[w.name]), plan.release_after[w.name] + 1):
+            held[s] += w.footprint
+    wrap: dict[str, int] = {}
+    for w in sorted(plan.streamed, key=lambda w: (w.first, w.name)):
+        if plan.fetch_at[w.name] != 0 or w.name in at:
+            continue
+        step = next((b for b, _ in plan.segments if b > plan.release_after[w.name]
+                     and all(held[s] + w.footprint <= plan.pool_bytes for s in range(b, steps))), None)
+        if step is None or sum(plan.op_seconds[step:]) < PREFETCH_MIN_OVERLAP:
+            continue
+        wrap[w.name] = step
+        for s in range(step, steps):
+            held[s] += w.footprint
+    return wrap
+
+
 def _timeline(plan: Placement, bandwidth: float) -> float:
-    """Seconds of one call: ops one after another; prefetched copies one at a time beside them,
-    the others on the main thread at their fetch; plus the fixed costs of each streamed weight
-    and of each cut between segments."""
+    """Seconds of one call (in steady state, one call after another): ops one after another;
+    prefetched copies one at a time beside them, the others on the main thread at their fetch; a
+    wrap-around copy waited for only by what the previous call's tail did not hide; plus the fixed
+    costs of each streamed weight and of each cut between segments."""
     clock = 0.0
     copies_free = 0.0
-    ready: dict[str, float] = {}
-    by_prefetch = sorted(plan.prefetch_at.items(), key=lambda item: item[1])
     sizes = {w.name: w.nbytes for w in plan.streamed}
+    wrapped = set(plan.wrapped)
+    ready = {name: max(0.0, sizes[name] / bandwidth - sum(plan.op_seconds[plan.prefetch_at[name]:]))
+             for name in wrapped}
+    by_prefetch = sorted(((n, s) for n, s in plan.prefetch_at.items() if n not in wrapped), key=lambda item: item[1])
     for step, seconds in enumerate(plan.op_seconds):
         for name, _ in [item for item in by_prefetch if item[1] == step]:
             copies_free = max(clock, copies_free) + sizes[name] / bandwidth
@@ -383,6 +419,8 @@ def _streaming_plan(base: Placement, steps: int, slow: float, double: bool, pref
     plan.fetch_at = {w.name: _segment_of(plan.segments, w.first)[0] for w in plan.streamed}
     plan.release_after = {w.name: _segment_of(plan.segments, w.last)[1] for w in plan.streamed}
     plan.prefetch_at = _prefetch_steps(plan) if prefetch else {}
+    if prefetch:
+        plan.prefetch_at.update(_wrap_around_steps(plan, plan.prefetch_at))
     plan.estimated_seconds = _timeline(plan, slow)
     return plan
 

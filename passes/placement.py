@@ -264,7 +264,7 @@ class PlaceMemory(Pass):
         plan = plan_for(ir, self.options)
         stats = {"split": split, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
                  "pool_bytes": plan.pool_bytes, "bytes_moved": plan.bytes_moved, "min_budget": plan.min_budget,
-                 "segments": len(plan.segments), "prefetched": len(plan.prefetch_at),
+                 "segments": len(plan.segments), "prefetched": len(plan.prefetch_at), "wrapped": len(plan.wrapped),
                  # the roofline estimate of the copies' time not hidden behind compute, per call
                  "est_stall_us": round((plan.estimated_seconds - plan.compute_seconds) * 1e6, 1)}
         if not plan.streamed:

@@ -52,11 +52,15 @@ def _check_streamed(name, budget: str, policy="prefetch"):
     stats = compiled.report.passes[-1].stats
     stream = stream_of(compiled)
     assert stream is not None and stats["streamed"] > 0
+    assert_outputs_close(_eager(model, inputs), compiled(*inputs))  # the first call reads wrap-around weights itself
+    stream.settle()
     stream.pool.reset_counters()
-    assert_outputs_close(_eager(model, inputs), compiled(*inputs))
+    assert_outputs_close(_eager(model, inputs), compiled(*inputs))  # a call after a call: the steady state
+    stream.settle()
     pool = stream.pool
     assert pool.arena  # the chain's regions fit the pool: one arena, no buffer per copy
-    assert pool.used == 0  # everything fetched was released
+    # everything fetched was released; the wrap-around copies wait in the pool for the next call
+    assert pool.used == stream.pending_bytes() and (pool.used > 0) == (stats["wrapped"] > 0)
     assert 0 < pool.high_water <= pool.capacity == stats["pool_bytes"]
     assert stats["resident_bytes"] + pool.capacity <= stats["budget"]
     assert pool.bytes_moved == stats["bytes_moved"] and pool.copies == stats["streamed"]
@@ -130,7 +134,11 @@ def test_prefetch_is_left_out_where_it_would_overlap_too_little_compute():
     quick = plan_placement(ir, budget, cpu_tiers(), "prefetch", ops=[1e-7] * steps)
     assert quick.streamed and not quick.prefetch_at
     slow = plan_placement(ir, budget, cpu_tiers(), "prefetch", ops=[1e-3] * steps)
-    assert slow.prefetch_at and all(slow.prefetch_at[n] < slow.fetch_at[n] for n in slow.prefetch_at)
+    ahead = [n for n in slow.prefetch_at if n not in slow.wrapped]
+    assert ahead and all(slow.prefetch_at[n] < slow.fetch_at[n] for n in ahead)
+    # any wrap-around prefetch (none here: the embedding does not fit beside the last segment's weights)
+    # is of a first-segment weight, for the next call, after its release in this one
+    assert all(slow.fetch_at[n] == 0 and slow.prefetch_at[n] > slow.release_after[n] for n in slow.wrapped)
 
 
 def test_naive_policy_fetches_when_needed_and_saved_programs_stream_too(tmp_path):
@@ -219,9 +227,11 @@ def test_cold_reads_come_from_the_weights_file():
     model, inputs = zoo.get("resnet")
     compiled = _check_streamed("resnet", "25%")
     stream = stream_of(compiled)
+    stream.set_direct_io(False)
     stream.evict()
     stream.reset_counters()
     assert_outputs_close(_eager(model, inputs), compiled(*inputs))
+    stream.settle()
     stats = stream.stats()
     assert stats["bytes_moved"] == compiled.report.passes[-1].stats["bytes_moved"]
     assert stats["copy_seconds"] > 0 and stats["wait_seconds"] > 0
@@ -313,9 +323,40 @@ def test_a_streamed_model_reads_its_weights_directly_and_equals_eager():
         pytest.skip("this file system refuses O_DIRECT")
     stream.reset_counters()
     compiled(*inputs)
+    stream.settle()
     stats = stream.stats()
     assert stats["direct_bytes"] > 0.9 * stats["bytes_moved"]  # MB-sized weights: all but a few heads and tails
     stream.set_direct_io(False)
     stream.reset_counters()
     assert_outputs_close(_eager(model, inputs), compiled(*inputs))
     assert stream.stats()["direct_bytes"] == 0
+
+
+def test_wrap_around_prefetch_copies_the_first_segment_for_the_next_call():
+    """mlp:512 at 25%: the first layer's weight is prefetched during the last segment for the next
+    call (the first call reads it itself); each call after a call copies every streamed weight
+    once; after a call that raised half-way the next one starts from an empty pool."""
+    model, inputs = zoo.get("mlp")
+    inputs = tuple(x.repeat(512 // x.shape[0], 1) for x in inputs)
+    compiled = orca_compiler.compile(model, inputs, pipeline="O1,place-memory{budget=25%}", kernels="tvm")
+    stats = compiled.report.passes[-1].stats
+    assert stats["wrapped"] >= 1
+    ir = compiled.ir
+    order = {n: i for i, n in enumerate(ir.graph.nodes)}
+    wrapped = [n for n in ir.compute_nodes() if n.target is PREFETCH
+               and any(f.target is FETCH and f.args[0] is n.args[0] and order[f] < order[n] for f in ir.compute_nodes())]
+    assert len(wrapped) == stats["wrapped"]
+    stream = stream_of(compiled)
+    expected = _eager(model, inputs)
+    assert_outputs_close(expected, compiled(*inputs))
+    stream.settle()
+    assert stream.pending_bytes() > 0  # the next call's first weights, already in the pool
+    stream.pool.reset_counters()
+    assert_outputs_close(expected, compiled(*inputs))
+    stream.settle()
+    assert stream.pool.copies == stats["streamed"] and stream.pool.high_water <= stream.pool.capacity
+    stream._complete = False  # as if the call had raised half-way: the next one starts from an empty pool
+    stream.pool.reset_counters()
+    assert_outputs_close(expected, compiled(*inputs))
+    stream.settle()
+    assert stream.pool.used == stream.pending_bytes()

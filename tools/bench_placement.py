@@ -1,23 +1,26 @@
 """Benchmark place-memory: latency with the weights' fast-tier budget at 50% and 25% against 100%,
-with prefetch (the plan) next to policy=naive (each weight copied when its segment starts), with
-the weights file in the page cache ("hot") and dropped from it before every call ("cold": the
-copies read the disk).
+with prefetch (the plan) next to policy=naive (each weight copied when its segment starts), in
+three read modes: "direct" (the runtime's default: O_DIRECT reads from the disk into the pool, no
+page cache), and buffered reads with the weights file in the page cache ("hot") or dropped from it
+before every call ("cold": the copies read the disk through the page cache).
 
     python tools/bench_placement.py                               # transformer, resnet, gru_bidir, mlp:512
-    python tools/bench_placement.py --models mlp:512 --modes cold --repeats 20 --json placement.json
+    python tools/bench_placement.py --models mlp:512 --modes direct cold --repeats 20 --json placement.json
 
 A model is `name` or `name:N`, which repeats the zoo example along dim 0 up to N (more compute per
 byte of weights, where prefetching has something to hide the copies behind). Each variant is
 compiled at O1 + `place-memory{budget=B,policy=P}`; where a budget is below the model's minimum
 (one layer's weights do not fit) the minimum is used and the row says so. All variants of a model
 are timed in one process, interleaved round-robin, medians of `--repeats` rounds; in cold mode
-the page cache is dropped (WeightStream.evict) before each call, outside the timed region.
+the page cache is dropped (WeightStream.evict) before each call, outside the timed region. The
+modes run one after another, each with all variants interleaved.
 
 Printed per variant: the pool, its measured peak and the bytes moved per call, the time and the
 slowdown against 100%, and from the stream's own clocks (medians per call) `copy`, the time the
 copies took, and `wait`, the time the main thread waited for weights in fetches; `hidden` is
 1 - wait / copy, the share of the transfer time that prefetching kept off the critical path
-(with policy=naive the main thread does the copies itself: wait >= copy). Also the activation
+(with policy=naive the main thread does the copies itself: wait >= copy), and `direct`, the share
+of the bytes read with O_DIRECT (heads and tails of regions are read buffered). Also the activation
 peak with and without buffer reuse (memory_plan). Absolute times are comparable only within one
 run.
 """
@@ -64,6 +67,14 @@ def model_and_inputs(spec: str):
     return model, inputs
 
 
+def set_mode(variants: dict, mode: str) -> None:
+    """Direct reads in mode "direct", buffered reads (page cache) in "hot" and "cold"."""
+    for compiled, _, _ in variants.values():
+        stream = stream_of(compiled)
+        if stream is not None and stream.set_direct_io(mode == "direct") != (mode == "direct"):
+            raise SystemExit("this file system refuses O_DIRECT: run --modes hot cold")
+
+
 def time_variants(variants: dict, inputs, repeats: int, cold: bool) -> dict[str, dict[str, float]]:
     """Median seconds per call, and the stream's copy and wait seconds per call, of each variant."""
     samples = {label: {"seconds": [], "copy": [], "wait": []} for label in variants}
@@ -94,21 +105,23 @@ def bench_model(spec: str, repeats: int, modes: list[str]) -> dict:
     variants = {f"{budget} {policy}": _compile(model, inputs, budget, policy) for budget, policy in VARIANTS}
     result = {"model": spec, "modes": {}}
     for mode in modes:
+        set_mode(variants, mode)
         times = time_variants(variants, inputs, repeats, cold=mode == "cold")
         base = times["100% prefetch"]["seconds"]
         rows = []
         for label, (compiled, used, note) in variants.items():
             stats = compiled.report.passes[-1].stats
             stream = stream_of(compiled)
-            moved = high = 0
+            moved = high = direct = 0
             if stream is not None:
                 stream.reset_counters()
                 compiled(*inputs)
-                moved, high = stream.pool.bytes_moved, stream.pool.high_water
+                moved, high, direct = stream.pool.bytes_moved, stream.pool.high_water, stream.pool.direct_bytes
             t = times[label]
             rows.append({"variant": label, "budget": int(stats.get("budget", 0)), "used": used, "note": note,
                          "streamed": int(stats.get("streamed", 0)), "segments": int(stats.get("segments", 0)),
                          "pool": int(stats.get("pool_bytes", 0)), "pool_high_water": high, "bytes_moved": moved,
+                         "direct": direct / moved if moved else None,
                          "ms": t["seconds"] * 1e3, "slowdown": t["seconds"] / base, "copy_ms": t["copy"] * 1e3,
                          "wait_ms": t["wait"] * 1e3,
                          "hidden": 1 - t["wait"] / t["copy"] if t["copy"] > 0 else None})
@@ -124,18 +137,19 @@ def print_result(result: dict) -> None:
           f"{result['activation_peak_reuse']:,} with reuse, {result['activation_peak_no_reuse']:,} without")
     for mode, rows in result["modes"].items():
         print(f"[{mode}] {'variant':<13}{'budget':>11}{'streamed':>9}{'segs':>5}{'pool':>11}{'pool peak':>11}"
-              f"{'moved/call':>12}{'ms':>9}{'slowdown':>9}{'copy ms':>9}{'wait ms':>9}{'hidden':>8}  note")
+              f"{'moved/call':>12}{'ms':>9}{'slowdown':>9}{'copy ms':>9}{'wait ms':>9}{'hidden':>8}{'direct':>8}  note")
         for r in rows:
             hidden = "" if r["hidden"] is None else f"{r['hidden']:.0%}"
+            direct = "" if r["direct"] is None else f"{r['direct']:.0%}"
             print(f"{'':7}{r['variant']:<13}{r['budget']:>11,}{r['streamed']:>9}{r['segments']:>5}{r['pool']:>11,}"
                   f"{r['pool_high_water']:>11,}{r['bytes_moved']:>12,}{r['ms']:>9.3f}{r['slowdown']:>8.2f}x"
-                  f"{r['copy_ms']:>9.3f}{r['wait_ms']:>9.3f}{hidden:>8}  {r['note']}")
+                  f"{r['copy_ms']:>9.3f}{r['wait_ms']:>9.3f}{hidden:>8}{direct:>8}  {r['note']}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
-    parser.add_argument("--modes", nargs="*", default=["hot", "cold"], choices=["hot", "cold"])
+    parser.add_argument("--modes", nargs="*", default=["direct", "hot", "cold"], choices=["direct", "hot", "cold"])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)

@@ -30,11 +30,18 @@ from the page cache, which is how the benchmark measures buffered reads from the
 The stream times its copies (`copy_seconds`, on whichever thread) and how long the main thread
 waited in fetches (`wait_seconds`): the transfer time prefetching did not hide.
 
+**Wrap-around prefetches** (a prefetch after its weight's fetch in the chain) copy the first
+segment's weights for the next call during the tail of this one. Their copies stay pending across
+the call boundary, and their regions are planned as held from the start of a call to their
+release, then again from the wrap-around prefetch to the end (placed at the top of the arena where
+that fits). The first call, which finds nothing pending, reads them when it starts.
+
 `WeightPool` counts bytes under a condition variable: an allocation waits while the pool would
 go over its capacity, so the pool never holds more than its budget, whatever the plan. It records
-its high-water mark and the bytes copied into it; tests assert both against the plan. The first
-placement op of each call first drops what a call that raised half-way left in the pool. One call
-at a time: the stream is per program, not per thread.
+its high-water mark and the bytes copied into it; tests assert both against the plan. The last
+placement op of a call marks it complete; the first op of the next call keeps the wrap-around
+copies of a complete call and otherwise drops what a call that raised half-way left in the pool.
+One call at a time: the stream is per program, not per thread.
 """
 from __future__ import annotations
 
@@ -51,7 +58,7 @@ import torch
 import torch.fx as fx
 
 from ..ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
-from ..placement import pool_footprint
+from ..placement import POOL_ALIGNMENT, pool_footprint
 from .support import register_host_op
 
 # O_DIRECT reads need the buffer, the file offset and the length aligned to the device's block
@@ -66,19 +73,29 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def plan_regions(events: list[tuple[str, object, int]], capacity: int) -> dict | None:
     """Offsets (POOL_ALIGNMENT-aligned) in a pool of `capacity` bytes for a fixed sequence of
-    ("alloc", key, nbytes) / ("free", key, 0) events, first fit; None where fragmentation would
-    take the pool over its capacity."""
+    ("alloc" | "alloc_top", key, nbytes) / ("free", key, 0) events: first fit ("alloc_top": the
+    highest fit); a key allocated again gets its first region back. None where fragmentation would
+    take the pool over its capacity, or the region to get back is taken."""
     holes = [(0, capacity)]  # (start, end), sorted, disjoint
     where: dict = {}
     for kind, key, nbytes in events:
-        if kind == "alloc":
+        if kind.startswith("alloc"):
             size = pool_footprint(max(nbytes, 1))
-            i = next((i for i, (a, b) in enumerate(holes) if b - a >= size), None)
+            if key in where:  # its region again
+                start = where[key][0]
+                i = next((i for i, (a, b) in enumerate(holes) if a <= start and start + size <= b), None)
+            elif kind == "alloc_top":
+                i = next((i for i in reversed(range(len(holes))) if holes[i][1] - holes[i][0] >= size), None)
+                start = (holes[i][1] - size) // POOL_ALIGNMENT * POOL_ALIGNMENT if i is not None else 0
+                i = i if i is not None and start >= holes[i][0] else None
+            else:
+                i = next((i for i, (a, b) in enumerate(holes) if b - a >= size), None)
+                start = holes[i][0] if i is not None else 0
             if i is None:
                 return None
             a, b = holes[i]
-            where[key] = (a, size)
-            holes[i:i + 1] = [(a + size, b)] if a + size < b else []
+            where[key] = (start, size)
+            holes[i:i + 1] = [(x, y) for x, y in ((a, start), (start + size, b)) if x < y]
         else:
             a, size = where[key]
             holes.append((a, a + size))
@@ -172,6 +189,7 @@ class WeightStream:
         `regions`: a data_ptr -> its offset in the pool's arena (plan_regions)."""
         self.pool = WeightPool(capacity, regions)
         self.wait_seconds = 0.0
+        self._complete = False  # the last call ran to its last placement op
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
         self._offsets = offsets or {}
@@ -250,9 +268,11 @@ class WeightStream:
         return self._executor
 
     def _begin(self) -> None:
-        """The first placement op of a call: drop what a call that raised half-way left behind
-        (copies never fetched, copies never released), so the pool starts empty."""
-        if not self._pending and not self.pool.used:
+        """The first placement op of a call: after a complete call, keep its wrap-around copies;
+        else drop what a call that raised half-way left behind (copies never fetched, copies never
+        released), so the pool starts empty."""
+        complete, self._complete = self._complete, False
+        if complete or (not self._pending and not self.pool.used):
             return
         for pending in self._pending.values():
             try:
@@ -271,6 +291,25 @@ class WeightStream:
     def begin_fetch(self, weight: torch.Tensor, deps, pool_bytes: int) -> torch.Tensor:
         self._begin()
         return self.fetch(weight, deps, pool_bytes)
+
+    def end_prefetch(self, weight: torch.Tensor, deps, pool_bytes: int) -> torch.Tensor:
+        token = self.prefetch(weight, deps, pool_bytes)
+        self._complete = True
+        return token
+
+    def end_release(self, fetched: torch.Tensor, deps) -> torch.Tensor:
+        token = self.release(fetched, deps)
+        self._complete = True
+        return token
+
+    def settle(self) -> None:
+        """Wait for the copies in flight (wrap-around ones stay pending for the next call)."""
+        for pending in list(self._pending.values()):
+            pending.result()
+
+    def pending_bytes(self) -> int:
+        """Pool bytes held by finished copies that no fetch has taken yet."""
+        return sum(pool_footprint(_nbytes(p.result())) for p in self._pending.values() if p.done())
 
     def prefetch(self, weight: torch.Tensor, deps, pool_bytes: int) -> torch.Tensor:
         self._pending[weight.data_ptr()] = self._copier().submit(self._load, weight)
@@ -362,7 +401,8 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     # in the order the program reads them: a segment's weights are one run of the file
     names = list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
     weights = {name: getattr(parent, name) for name in names}
-    regions = plan_regions(_pool_events(nodes, weights), capacity) or {}
+    events = _pool_events(nodes, weights)
+    regions = plan_regions(events, capacity) or plan_regions([(k.replace("_top", ""), n, b) for k, n, b in events], capacity) or {}
     views, path, offsets = map_weights(weights, {name: offset % PAGE for name, offset in regions.items()})
     for name, view in views.items():
         original = getattr(parent, name)
@@ -374,16 +414,28 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     calls = {PREFETCH: stream.prefetch, FETCH: stream.fetch, RELEASE: stream.release}
     for node in nodes:
         node.target = calls[node.target]
-    # nodes[0] is the first placement op of a call (they are chained in this order)
+    # nodes[0] and nodes[-1] are the first and last placement ops of a call (chained in this order)
     nodes[0].target = stream.begin_prefetch if nodes[0].target == stream.prefetch else stream.begin_fetch
+    nodes[-1].target = stream.end_prefetch if nodes[-1].target == stream.prefetch else stream.end_release
     parent.orca_stream = stream
     weakref.finalize(parent, _remove, path)
 
 
 def _pool_events(nodes: list[fx.Node], views: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
     """The pool's allocations and frees in the order the placement chain runs them: a weight is
-    allocated at its prefetch (or its fetch, where none) and freed at its release."""
-    events, allocated = [], set()
+    allocated at its prefetch (or its fetch, where none) and freed at its release. A wrap-around
+    prefetch's weight is held when a call starts ("alloc_top"), and gets its region back at that
+    prefetch."""
+    fetched_first = set()
+    wrapped = []
+    for node in nodes:
+        name = node.args[0].target if node.target != RELEASE else None
+        if node.target == FETCH:
+            fetched_first.add(name)
+        elif node.target == PREFETCH and name in fetched_first:
+            wrapped.append(name)
+    events = [("alloc_top", name, _nbytes(views[name])) for name in wrapped]
+    allocated = set(wrapped)
     for node in nodes:
         if node.target == RELEASE:
             events.append(("free", node.args[0].args[0].target, 0))
