@@ -26,6 +26,7 @@ away from the prefetches planned around them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -256,6 +257,25 @@ def split_to_fit(ir: GraphIR, budget: int) -> tuple[int, list[str]]:
         split_op(ir, op, rule, max(2, -(-units // per_block)))
 
 
+def lowest_split_budget(ir: GraphIR, budget: int) -> int:
+    """The lowest budget over `budget` at which split_to_fit brings the largest working set of
+    `ir` (not split yet) within it, by bisection (each try splits a copy: well under a second on
+    the zoo models). Splits depend on the budget, so the error of a budget too small names this
+    minimum, not the working set of the layers as split for that budget."""
+    from orca_compiler.placement import weight_uses, working_set
+
+    def split_need(b: int) -> int:
+        trial = ir.copy()
+        split_to_fit(trial, b)
+        return working_set(weight_uses(trial), len(trial.compute_nodes()))[0]
+
+    low, high = budget, working_set(weight_uses(ir), len(ir.compute_nodes()))[0]  # high fits unsplit
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if split_need(mid) <= mid else (mid, high)
+    return high
+
+
 @dataclass
 class PlaceMemoryOptions:
     """budget: the fast tier's bytes for weights (bytes, 512K / 2M, or a percentage of the
@@ -340,6 +360,9 @@ def insert_streaming(ir: GraphIR, plan: Placement) -> None:
         w.node.meta.setdefault("orca_annotations", {})["tier"] = plan.tiers[-1].name if w in plan.streamed else plan.tiers[0].name
 
 
+_MINIMUM = re.compile(r"; the minimum feasible budget is (\d+) bytes \([\d,]+\)")
+
+
 @register_pass
 class PlaceMemory(Pass):
     """Home each weight on a memory tier under a budget; stream the rest with prefetch/release ops."""
@@ -353,13 +376,21 @@ class PlaceMemory(Pass):
         split, unsplit = 0, []
         if self.options.split:
             tiers = parse_tiers(self.options.tiers) if self.options.tiers else cpu_tiers()
-            split, unsplit = split_to_fit(ir, parse_budget(self.options.budget, ir.weight_bytes(), tiers[0]))
+            budget, unsplit_ir = parse_budget(self.options.budget, ir.weight_bytes(), tiers[0]), ir.copy()
+            split, unsplit = split_to_fit(ir, budget)
         try:
             plan = plan_for(ir, self.options)
         except PassInputError as exc:
             if not unsplit:
                 raise
-            raise PassInputError(f"{exc}; not split: {'; '.join(unsplit)}") from exc
+            message = f"{exc}; not split: {'; '.join(unsplit)}"
+            found = _MINIMUM.search(message)
+            if found:  # split differently, a budget lower than this IR's working set may fit
+                lowest = lowest_split_budget(unsplit_ir, budget)
+                if lowest != int(found.group(1)):
+                    message = message.replace(found.group(0), "") + (
+                        f"; splitting layers, the minimum feasible budget is {lowest} bytes ({lowest:,})")
+            raise PassInputError(message) from exc
         stats = {"split": split, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
                  "pool_bytes": plan.pool_bytes, "bytes_moved": plan.bytes_moved, "min_budget": plan.min_budget,
                  "segments": len(plan.segments), "prefetched": len(plan.prefetch_at),

@@ -110,11 +110,15 @@ def test_fused_models_stream_within_budget(name, percent):
 
 def test_budget_too_small_names_the_minimum():
     with pytest.raises(PassError) as info:
-        _ir("transformer", "O1,place-memory{budget=1000}")
+        _ir("transformer", "O1,place-memory{budget=1000,split=false}")
     assert _minimum_in(info.value) == 256000  # the embedding table, read by one op
     assert "too small" in str(info.value) and "%embed_weight" in str(info.value)
-    # split into blocks of its 64 columns, the table would still need two columns in the budget
+    with pytest.raises(PassError) as info:
+        _ir("transformer", "O1,place-memory{budget=1000}")
+    # split into its 64 columns, the table needs two of them (4,000 bytes each) in the budget
     assert "not split: %embed_weight: one of its 64 cols (4,000 bytes) is more than half" in str(info.value)
+    assert _minimum_in(info.value) == 8000
+    assert _ir("transformer", "O1,place-memory{budget=8000}")[1][-1].stats["split"] > 1
 
 
 def test_ir_shows_prefetch_ahead_of_fetch_and_release_after_last_use():
