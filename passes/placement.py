@@ -221,7 +221,9 @@ def split_op(ir: GraphIR, op: fx.Node, rule: SplitRule, blocks: int) -> None:
                     call_kwargs[name] = value
             parts.append(ir.create_node(op.target, tuple(call_args), call_kwargs, name=f"{op.name}_{rule.unit}{start}"))
         cat = ir.create_node(aten.cat.default, (parts, rule.out_dim), name=f"{op.name}_cat")
-    for node in [*parts, *slices, cat]:  # the pass manager marks them {from=place-memory}
+    # the layer each node comes from, so that split_to_fit counts a block split again as one layer
+    # (the pass manager marks the new nodes {from=place-memory})
+    for node in [*parts, *slices, cat]:
         node.meta["orca_split_of"] = origin
     op.replace_all_uses_with(cat)
     ir.graph.erase_node(op)
