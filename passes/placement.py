@@ -15,25 +15,34 @@ the IR as ops of orca_compiler/ops/placement.py: for each streamed weight a `pre
 planned step, a `fetch` before the segment of its first use (its users read the fetched tensor)
 and a `release` after the segment of its last use (segments: see orca_compiler.placement).
 The streamed weight's get_attr is annotated `{tier=disk}`. With
-split=true, an aten.linear whose weight alone keeps the working set over the budget is first split
-into row blocks (cat of the blocks' linears) that stream one by one. The pass
+split=true, a layer whose weight keeps the working set over the budget is first split into blocks
+of output units that stream one by one, by the table SPLIT_RULES: linears and O2's linear
+epilogues by weight rows (an epilogue's residual sliced to match), embeddings by table columns,
+convolutions and conv epilogues by output channels (not grouped or transposed ones); the blocks'
+results are concatenated. The pass
 only decides and annotates: the lowering runs the three ops on the host, against a bounded pool
 (orca_compiler/lowering/streaming.py). It should run last: a later reordering would move ops
 away from the prefetches planned around them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.fx as fx
 
+from orca_compiler.errors import PassInputError
 from orca_compiler.ir import GraphIR
 from orca_compiler.memory_plan import storage_of, is_view, liveness, plan_activations
+from orca_compiler.ops import fused
 from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
+from orca_compiler.ops.pointwise import POINTWISE, arguments
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from orca_compiler.placement import Placement, cpu_tiers, parse_budget, parse_tiers, plan_placement, tensor_anchor
+
+aten = torch.ops.aten
 
 
 def _bytes_of(ir: GraphIR) -> dict[fx.Node, int]:
@@ -108,60 +117,165 @@ class ScheduleMemory(Pass):
         return PassResult(ir, True, {"peak_before": before, "peak_after": after})
 
 
-def _splittable(weight: fx.Node) -> fx.Node | None:
-    """The aten.linear that is `weight`'s only reader, as its weight (bias read by it alone)."""
+@dataclass(frozen=True)
+class SplitRule:
+    """How an op splits into blocks of its weight's output units, each block its own op on a slice
+    of the weight, concatenated along the result's `out_dim`.
+
+    `weight_dim` is the weight's dim of output units (linear rows, embedding columns, conv output
+    channels); the bias, if any, is sliced along its dim 0 with it. `sliced` names arguments cut
+    like the result (an epilogue's residual, added per block). `refuse(args)` says why an op may not
+    be split (grouped convs, whose blocks would each read a slice of the input's channels), or None.
+    Each block computes the same dot products as the whole, so results are equal up to summation
+    order; an epilogue's activation is elementwise (ops/pointwise.py), so it applies per block."""
+
+    weight_dim: int
+    out_dim: int
+    unit: str  # names the blocks: %linear_rows0, %embedding_cols16, ...
+    sliced: tuple[str, ...] = ()
+    refuse: Callable[[dict], str | None] = lambda args: None
+
+
+def _grouped(args: dict) -> str | None:
+    if args.get("transposed"):
+        return "a transposed convolution"
+    return f"a grouped convolution (groups={args['groups']})" if args["groups"] != 1 else None
+
+
+def _not_elementwise(args: dict) -> str | None:
+    act = args["activation"]
+    elementwise = act == fused.NO_ACTIVATION or (act in POINTWISE and POINTWISE[act].activation)
+    return None if elementwise else f"fused with {act}, which is not elementwise"
+
+
+_CONV = SplitRule(0, 1, "channels", refuse=_grouped)
+SPLIT_RULES: dict[Callable, SplitRule] = {
+    aten.linear.default: SplitRule(0, -1, "rows"),
+    fused.LINEAR_EPILOGUE: SplitRule(0, -1, "rows", sliced=("residual",), refuse=_not_elementwise),
+    aten.embedding.default: SplitRule(1, -1, "cols"),
+    aten.conv1d.default: _CONV,
+    aten.conv2d.default: _CONV,
+    aten.conv3d.default: _CONV,
+    aten.convolution.default: _CONV,
+    fused.CONV_EPILOGUE: SplitRule(0, 1, "channels", sliced=("residual",),
+                                   refuse=lambda args: _grouped(args) or _not_elementwise(args)),
+}
+
+
+def _position(node: fx.Node, name: str) -> int:
+    return [a.name for a in node.target._schema.arguments].index(name)
+
+
+def splittable(weight: fx.Node) -> tuple[fx.Node, SplitRule] | str:
+    """(the op, its rule) where `weight` is the weight of its only reader, an op of SPLIT_RULES
+    whose bias (if any) is a weight read by that op alone; else why not (a sentence)."""
     users = list(weight.users)
-    if len(users) != 1 or users[0].target is not torch.ops.aten.linear.default or users[0].args[1] is not weight:
-        return None
-    bias = users[0].args[2] if len(users[0].args) > 2 else None
+    if len(users) != 1:
+        return f"%{weight.name} has {len(users)} readers"
+    op = users[0]
+    rule = SPLIT_RULES.get(op.target)
+    if rule is None:
+        return f"%{op.name} ({op.target}) has no split rule"
+    args = arguments(op)
+    if args["weight"] is not weight:
+        return f"%{weight.name} is not the weight of %{op.name}"
+    bias = args.get("bias")
     if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
-        return None
-    return users[0]
+        return f"the bias of %{op.name} is not a weight of its own"
+    for name in rule.sliced:
+        value = args.get(name)
+        if value is not None and tuple(value.meta["val"].shape) != tuple(op.meta["val"].shape):
+            return f"the {name} of %{op.name} is broadcast"
+    why = rule.refuse(args)
+    return f"%{op.name} is {why}" if why else (op, rule)
 
 
-def split_linear(ir: GraphIR, linear: fx.Node, blocks: int) -> None:
-    """linear(x, W, b) -> cat([linear(x, W[rows_i], b[rows_i]) for each block of rows], -1): each
-    block's weight streams on its own, so one layer can be larger than the pool. The same dot
-    products, so the same results up to the kernels' summation order."""
-    weight_node, bias_node = linear.args[1], (linear.args[2] if len(linear.args) > 2 else None)
-    weight = ir.weight(weight_node)
-    bias = ir.weight(bias_node) if bias_node is not None else None
-    rows = -(-weight.shape[0] // blocks)
-    parts = []
-    with ir.graph.inserting_before(linear):
-        for start in range(0, weight.shape[0], rows):
-            w = ir.add_weight(f"{weight_node.target}_rows{start}", weight[start:start + rows].clone())
-            b = ir.add_weight(f"{bias_node.target}_rows{start}", bias[start:start + rows].clone()) if bias is not None else None
-            parts.append(ir.create_node(torch.ops.aten.linear.default, (linear.args[0], w, b), name=f"{linear.name}_rows{start}"))
-        cat = ir.create_node(torch.ops.aten.cat.default, (parts, -1), name=f"{linear.name}_cat")
-    linear.replace_all_uses_with(cat)
-    ir.graph.erase_node(linear)
+def split_op(ir: GraphIR, op: fx.Node, rule: SplitRule, blocks: int) -> None:
+    """op(.., W, b, ..) -> cat([op(.., W[units_i], b[units_i], ..) for each block], out_dim): each
+    block's weight streams on its own, so one layer can be larger than the pool."""
+    args = arguments(op)
+    weight = ir.weight(args["weight"])
+    units = weight.shape[rule.weight_dim]
+    out_rank = op.meta["val"].dim()
+    origin = op.meta.get("orca_split_of", op.name)
+    parts, slices = [], []
+    with ir.graph.inserting_before(op):
+        for i in range(blocks):  # sizes differ by at most one unit
+            start, end = i * units // blocks, (i + 1) * units // blocks
+            new = {"weight": ir.add_weight(f"{args['weight'].target}_{rule.unit}{start}",
+                                           weight.narrow(rule.weight_dim, start, end - start).clone())}
+            if args.get("bias") is not None:
+                new["bias"] = ir.add_weight(f"{args['bias'].target}_{rule.unit}{start}",
+                                            ir.weight(args["bias"])[start:end].clone())
+            for name in rule.sliced:
+                if args.get(name) is not None:
+                    new[name] = ir.create_node(aten.slice.Tensor, (args[name], rule.out_dim % out_rank, start, end),
+                                               name=f"{args[name].name}_{rule.unit}{start}")
+                    slices.append(new[name])
+            call_args, call_kwargs = list(op.args), dict(op.kwargs)
+            for name, value in new.items():
+                at = _position(op, name)
+                if at < len(call_args):
+                    call_args[at] = value
+                else:
+                    call_kwargs[name] = value
+            parts.append(ir.create_node(op.target, tuple(call_args), call_kwargs, name=f"{op.name}_{rule.unit}{start}"))
+        cat = ir.create_node(aten.cat.default, (parts, rule.out_dim), name=f"{op.name}_cat")
+    # the layer each node comes from, so that split_to_fit counts a block split again as one layer
+    # (the pass manager marks the new nodes {from=place-memory})
+    for node in [*parts, *slices, cat]:
+        node.meta["orca_split_of"] = origin
+    op.replace_all_uses_with(cat)
+    ir.graph.erase_node(op)
     ir.drop_unused_weights()
 
 
-def split_to_fit(ir: GraphIR, budget: int) -> int:
-    """Split the linear weights that keep the working set over `budget` into row blocks of at most
-    half of what the budget leaves them (so two blocks can be in flight). Returns how many."""
+def split_to_fit(ir: GraphIR, budget: int) -> tuple[int, list[str]]:
+    """Split the layers whose weights keep the working set over `budget` into blocks of at most
+    half of what the budget leaves them (so two blocks can be in flight). Returns how many layers
+    were split, and why the largest weight of a working set still over the budget was not."""
     from orca_compiler.placement import weight_uses, working_set
 
-    split = 0
+    split: set[str] = set()
     while True:
         uses = weight_uses(ir)
         need, step = working_set(uses, len(ir.compute_nodes()))
         if need <= budget or sum(w.nbytes for w in uses) <= budget:
-            return split
+            return len(split), []
         live = sorted((w for w in uses if w.first <= step <= w.last), key=lambda w: -w.nbytes)
-        target = next(((w, _splittable(w.node)) for w in live if _splittable(w.node) is not None), None)
+        found = [(w, splittable(w.node)) for w in live]
+        target = next(((w, s) for w, s in found if not isinstance(s, str)), None)
         if target is None:
-            return split
-        w, linear = target
+            return len(split), [s for _, s in found[:1]]
+        w, (op, rule) = target
         room = (budget - (need - w.nbytes)) // 2
-        rows = ir.weight(w.node).shape[0]
-        row_bytes = w.nbytes // rows
-        if room < row_bytes or rows < 2:
-            return split
-        split_linear(ir, linear, max(2, -(-w.nbytes // room)))
-        split += 1
+        units = ir.weight(w.node).shape[rule.weight_dim]
+        if room < w.nbytes // units or units < 2:
+            return len(split), [f"%{w.name}: one of its {units} {rule.unit} "
+                                f"({w.nbytes // units:,} bytes) is more than half of the {max(2 * room, 0):,} bytes "
+                                f"the budget leaves it"]
+        split.add(op.meta.get("orca_split_of", op.name))
+        per_block = room // (w.nbytes // units)  # then no block of the balanced split is over `room`
+        split_op(ir, op, rule, max(2, -(-units // per_block)))
+
+
+def lowest_split_budget(ir: GraphIR, budget: int) -> int:
+    """The lowest budget over `budget` at which split_to_fit brings the largest working set of
+    `ir` (not split yet) within it, by bisection (each try splits a copy: well under a second on
+    the zoo models). Splits depend on the budget, so the error of a budget too small names this
+    minimum, not the working set of the layers as split for that budget."""
+    from orca_compiler.placement import weight_uses, working_set
+
+    def split_need(b: int) -> int:
+        trial = ir.copy()
+        split_to_fit(trial, b)
+        return working_set(weight_uses(trial), len(trial.compute_nodes()))[0]
+
+    low, high = budget, working_set(weight_uses(ir), len(ir.compute_nodes()))[0]  # high fits unsplit
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if split_need(mid) <= mid else (mid, high)
+    return high
 
 
 @dataclass
@@ -170,7 +284,8 @@ class PlaceMemoryOptions:
     weights' bytes such as 50%; default: the fast tier's capacity); tiers: fastest first,
     name:capacity@bandwidth joined by ';' (default: this machine's ram and disk); policy:
     "prefetch" (copies ahead of use on a background thread) or "naive" (each copy when needed);
-    split: split a linear layer whose weight alone is over the budget into row blocks."""
+    split: split a layer whose weight keeps the working set over the budget into blocks of
+    output units (SPLIT_RULES: linears, linear and conv epilogues, embeddings, convolutions)."""
 
     budget: str = ""
     tiers: str = ""
@@ -247,6 +362,9 @@ def insert_streaming(ir: GraphIR, plan: Placement) -> None:
         w.node.meta.setdefault("orca_annotations", {})["tier"] = plan.tiers[-1].name if w in plan.streamed else plan.tiers[0].name
 
 
+_MINIMUM = re.compile(r"; the minimum feasible budget is (\d+) bytes \([\d,]+\)")
+
+
 @register_pass
 class PlaceMemory(Pass):
     """Home each weight on a memory tier under a budget; stream the rest with prefetch/release ops."""
@@ -257,11 +375,24 @@ class PlaceMemory(Pass):
     def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
         if any(n.target in PLACEMENT_OPS for n in ir.compute_nodes()):
             return PassResult(ir, False, {})  # placed already
-        split = 0
+        split, unsplit = 0, []
         if self.options.split:
             tiers = parse_tiers(self.options.tiers) if self.options.tiers else cpu_tiers()
-            split = split_to_fit(ir, parse_budget(self.options.budget, ir.weight_bytes(), tiers[0]))
-        plan = plan_for(ir, self.options)
+            budget, unsplit_ir = parse_budget(self.options.budget, ir.weight_bytes(), tiers[0]), ir.copy()
+            split, unsplit = split_to_fit(ir, budget)
+        try:
+            plan = plan_for(ir, self.options)
+        except PassInputError as exc:
+            if not unsplit:
+                raise
+            message = f"{exc}; not split: {'; '.join(unsplit)}"
+            found = _MINIMUM.search(message)
+            if found:  # split differently, a budget lower than this IR's working set may fit
+                lowest = lowest_split_budget(unsplit_ir, budget)
+                if lowest != int(found.group(1)):
+                    message = message.replace(found.group(0), "") + (
+                        f"; splitting layers, the minimum feasible budget is {lowest} bytes ({lowest:,})")
+            raise PassInputError(message) from exc
         stats = {"split": split, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
                  "pool_bytes": plan.pool_bytes, "bytes_moved": plan.bytes_moved, "min_budget": plan.min_budget,
                  "segments": len(plan.segments), "prefetched": len(plan.prefetch_at), "wrapped": len(plan.wrapped),

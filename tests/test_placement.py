@@ -44,10 +44,11 @@ def _minimum_in(exc: PassError) -> int:
     return int(re.search(r"minimum feasible budget is (\d+) bytes", str(exc)).group(1))
 
 
-def _check_streamed(name, budget: str, policy="prefetch"):
-    """Compile at `budget`, run once, and check outputs, the pool's bound and the bytes moved."""
-    model, inputs = zoo.get(name)
-    compiled = orca_compiler.compile(model, inputs, pipeline=f"O1,place-memory{{budget={budget},policy={policy}}}",
+def _check_streamed(name, budget: str, policy="prefetch", pipeline="O1", model_inputs=None):
+    """Compile at `budget`, run once, and check outputs, the pool's bound and the bytes moved
+    (a zoo model, or `model_inputs` = (model, inputs))."""
+    model, inputs = model_inputs or zoo.get(name)
+    compiled = orca_compiler.compile(model, inputs, pipeline=f"{pipeline},place-memory{{budget={budget},policy={policy}}}",
                                      kernels="tvm")
     stats = compiled.report.passes[-1].stats
     stream = stream_of(compiled)
@@ -84,6 +85,11 @@ def _unflatten(ir, flat):
     return pytree.tree_unflatten(list(flat), ir.out_spec)
 
 
+# The models whose minimum budget is over 25% of their weights: the recurrence kernel of layer 0
+# reads all of its w_hh at every time step, and it has no split rule.
+OVER_25_PERCENT = {"lstm", "gru"}
+
+
 @pytest.mark.parametrize("percent", [50, 25])
 @pytest.mark.parametrize("name", zoo.names())
 def test_streamed_weights_match_eager_within_budget(name, percent):
@@ -91,15 +97,33 @@ def test_streamed_weights_match_eager_within_budget(name, percent):
     try:
         _ir(name, f"O1,place-memory{{budget={budget}}}")
     except PassError as exc:  # one layer's weights are more than the budget: run at the minimum
+        assert percent == 25 and name in OVER_25_PERCENT, exc
+        assert "not split: %" in str(exc) and "has no split rule" in str(exc)
         budget = str(_minimum_in(exc))
     _check_streamed(name, budget)
 
 
+@pytest.mark.parametrize("percent", [50, 25])
+@pytest.mark.parametrize("name", ["mlp", "transformer", "resnet"])
+def test_fused_models_stream_within_budget(name, percent):
+    """After O2 the linears and convs are epilogue ops (orca.linear_epilogue, orca.conv_epilogue):
+    they split as well, and the models fit 25% as at O1."""
+    compiled = _check_streamed(name, f"{percent}%", pipeline="O2")
+    if name == "mlp" and percent == 25:  # its 1024x1024 linear+ReLU is 66% of the weights
+        assert compiled.report.passes[-1].stats["split"] >= 1
+
+
 def test_budget_too_small_names_the_minimum():
     with pytest.raises(PassError) as info:
-        _ir("transformer", "O1,place-memory{budget=1000}")
+        _ir("transformer", "O1,place-memory{budget=1000,split=false}")
     assert _minimum_in(info.value) == 256000  # the embedding table, read by one op
     assert "too small" in str(info.value) and "%embed_weight" in str(info.value)
+    with pytest.raises(PassError) as info:
+        _ir("transformer", "O1,place-memory{budget=1000}")
+    # split into its 64 columns, the table needs two of them (4,000 bytes each) in the budget
+    assert "not split: %embed_weight: one of its 64 cols (4,000 bytes) is more than half" in str(info.value)
+    assert _minimum_in(info.value) == 8000
+    assert _ir("transformer", "O1,place-memory{budget=8000}")[1][-1].stats["split"] > 1
 
 
 def test_ir_shows_prefetch_ahead_of_fetch_and_release_after_last_use():
@@ -159,6 +183,73 @@ def test_a_linear_larger_than_the_budget_is_split_into_row_blocks():
     assert_outputs_close(_eager(model, inputs), ir.run(*inputs)[0])
     with pytest.raises(PassError):
         _ir("mlp", "O1,place-memory{budget=25%,split=false}")
+
+
+class _Wide(torch.nn.Module):
+    """An embedding, a linear with a residual add and ReLU, and a conv with a residual add and
+    ReLU (at O2: orca.linear_epilogue and orca.conv_epilogue with residuals), each weight most of
+    a budget of 4,000 bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 32)  # 12,800 bytes
+        self.fc = torch.nn.Linear(32, 32)  # 4,096 + 128
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)  # 9,216 + 64
+
+    def forward(self, tokens, image):
+        e = self.embed(tokens)
+        return torch.relu(self.fc(e) + e), torch.relu(self.conv(image) + image)
+
+
+@pytest.mark.parametrize("pipeline", ["O1", "O2"])
+def test_embedding_linear_epilogue_and_conv_are_split_into_blocks(pipeline):
+    from orca_compiler.ops.fused import CONV_EPILOGUE, LINEAR_EPILOGUE
+
+    torch.manual_seed(0)
+    model = _Wide().eval()
+    inputs = (torch.randint(0, 100, (2, 8)), torch.randn(1, 16, 8, 8))
+    ir, records = PassManager(f"{pipeline},place-memory{{budget=4000}}").run(
+        capture(model, inputs, keep_op=keep_op_in_capture).ir)
+    assert records[-1].stats["split"] == 3
+    aten = torch.ops.aten
+    linear, conv = (aten.linear.default, aten.conv2d.default) if pipeline == "O1" else (LINEAR_EPILOGUE, CONV_EPILOGUE)
+    for target, unit, dim in [(aten.embedding.default, "cols", -1), (linear, "rows", -1), (conv, "channels", 1)]:
+        blocks = [n for n in ir.compute_nodes() if n.target is target]
+        assert len(blocks) >= 2 and all(f"_{unit}" in n.name for n in blocks)
+        cat = next(iter(blocks[0].users))
+        assert cat.target is aten.cat.default and cat.args == (blocks, dim)
+        if pipeline == "O2" and target is not aten.embedding.default:  # each block adds its slice of the residual
+            residuals = [n.args[7 if target is CONV_EPILOGUE else 3] for n in blocks]
+            assert all(r.target is aten.slice.Tensor and r.args[1] == dim % r.meta["val"].dim()
+                       for r in residuals)
+    for w in ir.weights().values():  # a block is at most half of what the budget leaves it
+        assert w.numel() * w.element_size() <= 2000
+    assert_outputs_close(_eager(model, inputs), _unflatten(ir, ir.run(*inputs)))
+    _check_streamed("wide", "4000", pipeline=pipeline, model_inputs=(model, inputs))
+
+
+class _Grouped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)  # 2,304 + 64 bytes
+        self.head = torch.nn.Conv2d(16, 8, 1)  # 512 + 32
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("pipeline", ["O1", "O2"])
+def test_a_grouped_conv_is_not_split(pipeline):
+    """A block of a grouped conv's output channels would read only its groups' input channels:
+    not split, and a budget below its weights is an error that names the minimum and why."""
+    torch.manual_seed(0)
+    model, inputs = _Grouped().eval(), (torch.randn(1, 16, 8, 8),)
+    with pytest.raises(PassError) as info:
+        PassManager(f"{pipeline},place-memory{{budget=1500}}").run(capture(model, inputs, keep_op=keep_op_in_capture).ir)
+    assert _minimum_in(info.value) == 2304 + 64
+    assert "grouped convolution (groups=4)" in str(info.value)
+    compiled = _check_streamed("grouped", str(_minimum_in(info.value)), pipeline=pipeline, model_inputs=(model, inputs))
+    assert compiled.report.passes[-1].stats["split"] == 0
 
 
 def test_placement_ops_survive_dce_and_the_pass_does_not_run_twice():
