@@ -113,6 +113,115 @@ def test_vnni_accumulators_equal_the_integer_matmul(rows, k, n, symbolic):
     assert torch.equal(torch.from_numpy(out.numpy()).long(), x.long() @ weight.long().T)
 
 
+# -- im2col + VNNI: non-pointwise convs ----------------------------------------------------------------
+
+# (batch, C, H, W, O, kernel, stride, padding): 3x3 pad 1; 3x3 stride 2 (and unpadded); the
+# resnet stem's 7x7 stride 2 pad 3 (C*kh*kw = 147, not whole 4-byte words); C*kh*kw = 27;
+# a dilated 3x3 and a 1x3 with a column tail of output channels.
+CONVS = [(1, 16, 8, 8, 32, (3, 3), 1, 1), (3, 8, 9, 7, 16, (3, 3), 2, 1), (2, 8, 8, 9, 16, (3, 3), 2, 0),
+         (1, 3, 20, 18, 64, (7, 7), 2, 3), (2, 3, 6, 5, 24, (3, 3), 1, 1), (1, 4, 9, 9, 10, (1, 3), (1, 2), (0, 1))]
+
+
+def _conv_id(case):
+    batch, c, h, w, o, kernel, stride, padding = case
+    return f"b{batch}-c{c}-{kernel[0]}x{kernel[1]}-s{stride}-p{padding}-o{o}"
+
+
+@pytest.mark.parametrize("case", CONVS, ids=[_conv_id(c) for c in CONVS])
+def test_im2col_vnni_accumulators_equal_the_integer_conv(case):
+    import tvm
+    from tvm import te
+
+    batch, c, h, w, o, kernel, stride, padding = case
+    stride, padding = [stride] * 2 if isinstance(stride, int) else list(stride), \
+        [padding] * 2 if isinstance(padding, int) else list(padding)
+    dilation = [2, 1] if kernel == (3, 3) and c == 16 else [1, 1]  # one dilated case
+    x_te = te.placeholder((batch, c, h, w), "int8", name="x")
+    im2col = te.create_prim_func([x_te, dot.im2col_te(x_te, kernel=kernel, stride=stride, padding=padding,
+                                                      dilation=dilation)])
+    target = _target(ZNVER4)
+    gather = tvm.compile(tvm.IRModule({"main": im2col}), target=target)
+    out_h, out_w = (dot.conv_output_size(size, k, s, p, d)
+                    for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    columns = dot.im2col_columns(c, *kernel)
+    assert columns % 4 == 0 and columns - c * kernel[0] * kernel[1] < 4
+    rows = batch * out_h * out_w
+    kernel_fn = dot.vnni_linear_kernel(rows, columns, o, dot.Epilogue(raw=True))
+    built = tvm.compile(tvm.IRModule({"main": kernel_fn.with_attr("global_symbol", "main")}), target=target)
+    assert "vpdpbusd" in _llvm_asm(built)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    generator = torch.Generator().manual_seed(rows + o)
+    weight = torch.randint(-128, 128, (o, c, *kernel), dtype=torch.int8, generator=generator)
+    x = torch.randint(-128, 128, (batch, c, h, w), dtype=torch.int8, generator=generator)
+    weight[0], x[0, :, 0, :] = 127, -128  # the extremes, on the border next to the zero padding
+    patches = tvm.runtime.tensor(np.zeros((batch, out_h, out_w, columns), np.int8))
+    gather["main"](tvm.runtime.tensor(x.numpy()), patches)
+    words, compensation = dot.pack_vnni_weight(dot.im2col_weight(weight.numpy()))
+    out = tvm.runtime.tensor(np.zeros((rows, o), np.int32))
+    built["main"](tvm.runtime.tensor(patches.numpy().reshape(rows, columns)), tvm.runtime.tensor(words),
+                  tvm.runtime.tensor(compensation), out)
+    want = torch.nn.functional.conv2d(x.double(), weight.double(), None, stride, padding, dilation)  # exact: < 2^53
+    got = torch.from_numpy(out.numpy()).reshape(batch, out_h, out_w, o).permute(0, 3, 1, 2)
+    assert torch.equal(got.double(), want)
+
+
+class _ConvNet(torch.nn.Module):
+    """The non-pointwise convs of CONVS's kinds in one static int8 model: a stem 7x7/2 pad 3 on 3
+    channels (K = 147), a 3x3 pad 1, a 3x3 stride 2, a 1x1 (the linear kernel), a grouped 3x3
+    (Relax's int8 conv) and a 3x3 with C*kh*kw = 45 and 10 output channels (a column tail)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        relu = torch.nn.ReLU
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 7, 2, 3), relu(), torch.nn.Conv2d(16, 16, 3, 1, 1), relu(),
+            torch.nn.Conv2d(16, 32, 3, 2, 1), relu(), torch.nn.Conv2d(32, 16, 1), relu(),
+            torch.nn.Conv2d(16, 16, 3, 1, 1, groups=4), relu(), torch.nn.Conv2d(16, 5, 1), relu(),
+            torch.nn.Conv2d(5, 10, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_vnni_im2col_convs_equal_the_reference_and_the_plain_kernels(batch):
+    model = _ConvNet().eval()
+    inputs = (torch.randn(batch, 3, 24, 22, generator=torch.Generator().manual_seed(batch)),)
+    calibration = [(torch.randn(4, 3, 24, 22),)]
+    pipeline = "O1,quantize{mode=static}"
+    reference, _ = oc.prune(model, inputs, pipeline, calibration_data=calibration)
+    vnni = _compile(model, inputs, pipeline, ZNVER4, calibration_data=calibration)
+    plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
+    assert not vnni.report.all_fallbacks()
+    asm = "".join(_llvm_asm(e) for e in vnni.executables)
+    assert "vpdpbusd" in asm and "orca_im2col" in asm
+    assert "vpdpbusd" not in "".join(_llvm_asm(e) for e in plain.executables)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    got = vnni(*inputs)
+    assert relative_error(got, reference(*inputs)) < 1e-3
+    assert torch.equal(got, plain(*inputs))
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_vnni_zoo_resnet_static_equals_the_plain_kernels(level):
+    model, inputs = oc.zoo.get("resnet")
+    calibration = [oc.zoo.get("resnet", seed=1)[1], oc.zoo.get("resnet", seed=2)[1]]
+    pipeline = f"{level},quantize{{mode=static}}"
+    reference, _ = oc.prune(model, inputs, pipeline, calibration_data=calibration)
+    vnni = _compile(model, inputs, pipeline, ZNVER4, calibration_data=calibration)
+    plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
+    assert not vnni.report.all_fallbacks()
+    assert "orca_im2col" in "".join(_llvm_asm(e) for e in vnni.executables)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    got = vnni(*inputs)
+    assert relative_error(got, reference(*inputs)) < 1e-3
+    assert torch.equal(got, plain(*inputs))
+
+
 # -- compiled quantized models ----------------------------------------------------------------------
 
 class _Net(torch.nn.Module):

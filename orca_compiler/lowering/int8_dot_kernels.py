@@ -146,6 +146,51 @@ def pack_dp4a_weight(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n, k // 4, 4).view("<i4").reshape(n, k // 4).T)
 
 
+# -- convolutions as a gather (im2col) then the linear kernel -------------------------------------------
+
+def im2col_columns(channels: int, kh: int, kw: int) -> int:
+    """The K of a conv's im2col matrix: `channels * kh * kw` rounded up to whole 4-byte words."""
+    return -(-(channels * kh * kw) // 4) * 4
+
+
+def im2col_weight(weight: np.ndarray) -> np.ndarray:
+    """int8 conv weight `[O, C, kh, kw]` -> `[O, Kp]` (Kp = im2col_columns): column
+    `(c * kh + i) * kw + j`, as im2col_te orders the patch; the columns past C*kh*kw are zeros,
+    so they add nothing to the VNNI kernel's `-128 * sum_k w` correction either."""
+    out_channels = weight.shape[0]
+    flat = weight.reshape(out_channels, -1)
+    padded = np.zeros((out_channels, im2col_columns(*weight.shape[1:])), dtype=np.int8)
+    padded[:, :flat.shape[1]] = flat
+    return padded
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def im2col_te(x, *, kernel, stride, padding, dilation):
+    """TE: int8 x `[B, C, H, W]` -> `[B, OH, OW, Kp]` int8, element (b, y, x, k) the input value
+    under tap k = (c, i, j) of output pixel (y, x). Taps in the zero padding and the columns
+    past C*kh*kw read int8 0: the VNNI kernel shifts x to u8 *after* this, so such a 0 becomes
+    128 there and its `128 * w` is taken back by the correction, exactly as for a real 0."""
+    from tvm import te, tirx
+
+    batch, channels, height, width = x.shape
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    out_h = conv_output_size(int(height), kh, sh, ph, dh)
+    out_w = conv_output_size(int(width), kw, sw, pw, dw)
+    real = int(channels) * kh * kw
+
+    def value(b, y, xx, k):
+        c, tap = k // (kh * kw), k % (kh * kw)
+        h, w = y * sh + (tap // kw) * dh - ph, xx * sw + (tap % kw) * dw - pw
+        inside = tirx.all(k < real, h >= 0, h < height, w >= 0, w < width)
+        return tirx.if_then_else(inside, x[b, c, h, w], tirx.const(0, "int8"))
+
+    return te.compute((batch, out_h, out_w, im2col_columns(int(channels), kh, kw)), value, name="im2col")
+
+
 # -- the epilogue, shared ---------------------------------------------------------------------------
 
 def _epilogue_fn(epilogue: Epilogue, buffers: dict) -> Callable:
