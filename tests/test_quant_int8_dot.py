@@ -113,13 +113,13 @@ def test_vnni_accumulators_equal_the_integer_matmul(rows, k, n, symbolic):
     assert torch.equal(torch.from_numpy(out.numpy()).long(), x.long() @ weight.long().T)
 
 
-# -- im2col + VNNI: non-pointwise convs ----------------------------------------------------------------
+# -- the direct VNNI conv: non-pointwise convs ---------------------------------------------------------
 
 # (batch, C, H, W, O, kernel, stride, padding): 3x3 pad 1; 3x3 stride 2 (and unpadded); the
-# resnet stem's 7x7 stride 2 pad 3 (C*kh*kw = 147, not whole 4-byte words); C*kh*kw = 27;
-# a dilated 3x3 and a 1x3 with a column tail of output channels.
+# resnet stem's 7x7 stride 2 pad 3 (C = 3: C*kh*kw = 147, not whole 4-byte words); C*kh*kw = 27;
+# a 1x3 with a column tail of output channels (10) and a remainder row tile (3*5 pixels).
 CONVS = [(1, 16, 8, 8, 32, (3, 3), 1, 1), (3, 8, 9, 7, 16, (3, 3), 2, 1), (2, 8, 8, 9, 16, (3, 3), 2, 0),
-         (1, 3, 20, 18, 64, (7, 7), 2, 3), (2, 3, 6, 5, 24, (3, 3), 1, 1), (1, 4, 9, 9, 10, (1, 3), (1, 2), (0, 1))]
+         (1, 3, 20, 18, 64, (7, 7), 2, 3), (2, 3, 6, 5, 24, (3, 3), 1, 1), (1, 5, 3, 9, 10, (1, 3), (1, 2), (0, 1))]
 
 
 def _conv_id(case):
@@ -128,39 +128,35 @@ def _conv_id(case):
 
 
 @pytest.mark.parametrize("case", CONVS, ids=[_conv_id(c) for c in CONVS])
-def test_im2col_vnni_accumulators_equal_the_integer_conv(case):
+def test_vnni_conv_accumulators_equal_the_integer_conv(case):
     import tvm
     from tvm import te
 
     batch, c, h, w, o, kernel, stride, padding = case
-    stride, padding = [stride] * 2 if isinstance(stride, int) else list(stride), \
-        [padding] * 2 if isinstance(padding, int) else list(padding)
-    dilation = [2, 1] if kernel == (3, 3) and c == 16 else [1, 1]  # one dilated case
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    stride, padding = pair(stride), pair(padding)
+    dilation = [2, 1] if c == 16 else [1, 1]  # one dilated case
     x_te = te.placeholder((batch, c, h, w), "int8", name="x")
-    im2col = te.create_prim_func([x_te, dot.im2col_te(x_te, kernel=kernel, stride=stride, padding=padding,
-                                                      dilation=dilation)])
     target = _target(ZNVER4)
-    gather = tvm.compile(tvm.IRModule({"main": im2col}), target=target)
+    pad = tvm.compile(tvm.IRModule({"main": te.create_prim_func([x_te, dot.pad_nhwc_te(x_te, padding=padding)])}),
+                      target=target)
+    padded_shape = (batch, h + 2 * padding[0], w + 2 * padding[1], dot.conv_channels(c))
     out_h, out_w = (dot.conv_output_size(size, k, s, p, d)
                     for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
-    columns = dot.im2col_columns(c, *kernel)
-    assert columns % 4 == 0 and columns - c * kernel[0] * kernel[1] < 4
-    rows = batch * out_h * out_w
-    kernel_fn = dot.vnni_linear_kernel(rows, columns, o, dot.Epilogue(raw=True))
-    built = tvm.compile(tvm.IRModule({"main": kernel_fn.with_attr("global_symbol", "main")}), target=target)
+    conv = dot.vnni_conv_kernel(padded_shape, (out_h, out_w), kernel, stride, dilation, o, dot.Epilogue(raw=True))
+    built = tvm.compile(tvm.IRModule({"main": conv.with_attr("global_symbol", "main")}), target=target)
     assert "vpdpbusd" in _llvm_asm(built)
     if not HOST_VNNI:
         pytest.skip("host CPU lacks avx512_vnni")
-    generator = torch.Generator().manual_seed(rows + o)
+    generator = torch.Generator().manual_seed(batch * out_h * out_w + o)
     weight = torch.randint(-128, 128, (o, c, *kernel), dtype=torch.int8, generator=generator)
     x = torch.randint(-128, 128, (batch, c, h, w), dtype=torch.int8, generator=generator)
     weight[0], x[0, :, 0, :] = 127, -128  # the extremes, on the border next to the zero padding
-    patches = tvm.runtime.tensor(np.zeros((batch, out_h, out_w, columns), np.int8))
-    gather["main"](tvm.runtime.tensor(x.numpy()), patches)
-    words, compensation = dot.pack_vnni_weight(dot.im2col_weight(weight.numpy()))
-    out = tvm.runtime.tensor(np.zeros((rows, o), np.int32))
-    built["main"](tvm.runtime.tensor(patches.numpy().reshape(rows, columns)), tvm.runtime.tensor(words),
-                  tvm.runtime.tensor(compensation), out)
+    padded = tvm.runtime.tensor(np.zeros(padded_shape, np.int8))
+    pad["main"](tvm.runtime.tensor(x.numpy()), padded)
+    words, compensation = dot.pack_vnni_weight(dot.pack_conv_weight(weight.numpy()))
+    out = tvm.runtime.tensor(np.zeros((batch * out_h * out_w, o), np.int32))
+    built["main"](padded, tvm.runtime.tensor(words), tvm.runtime.tensor(compensation), out)
     want = torch.nn.functional.conv2d(x.double(), weight.double(), None, stride, padding, dilation)  # exact: < 2^53
     got = torch.from_numpy(out.numpy()).reshape(batch, out_h, out_w, o).permute(0, 3, 1, 2)
     assert torch.equal(got.double(), want)
@@ -169,7 +165,7 @@ def test_im2col_vnni_accumulators_equal_the_integer_conv(case):
 class _ConvNet(torch.nn.Module):
     """The non-pointwise convs of CONVS's kinds in one static int8 model: a stem 7x7/2 pad 3 on 3
     channels (K = 147), a 3x3 pad 1, a 3x3 stride 2, a 1x1 (the linear kernel), a grouped 3x3
-    (Relax's int8 conv) and a 3x3 with C*kh*kw = 45 and 10 output channels (a column tail)."""
+    (Relax's int8 conv) and an unpadded 3x3 on 5 channels (C*kh*kw = 45) to 10 (a column tail)."""
 
     def __init__(self):
         super().__init__()
@@ -186,7 +182,7 @@ class _ConvNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_vnni_im2col_convs_equal_the_reference_and_the_plain_kernels(batch):
+def test_vnni_convs_equal_the_reference_and_the_plain_kernels(batch):
     model = _ConvNet().eval()
     inputs = (torch.randn(batch, 3, 24, 22, generator=torch.Generator().manual_seed(batch)),)
     calibration = [(torch.randn(4, 3, 24, 22),)]
@@ -196,13 +192,38 @@ def test_vnni_im2col_convs_equal_the_reference_and_the_plain_kernels(batch):
     plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
     assert not vnni.report.all_fallbacks()
     asm = "".join(_llvm_asm(e) for e in vnni.executables)
-    assert "vpdpbusd" in asm and "orca_im2col" in asm
+    assert "vpdpbusd" in asm and "orca_conv2d_q_vnni" in asm
     assert "vpdpbusd" not in "".join(_llvm_asm(e) for e in plain.executables)
     if not HOST_VNNI:
         pytest.skip("host CPU lacks avx512_vnni")
     got = vnni(*inputs)
     assert relative_error(got, reference(*inputs)) < 1e-3
     assert torch.equal(got, plain(*inputs))
+
+
+def test_vnni_convs_are_measured_against_relax_int8_conv():
+    from orca_compiler.lowering import kernel_select
+    from orca_compiler.lowering.quant_kernels import PLAIN_CONV
+    from orca_compiler.lowering.target import resolve_target
+
+    model = _ConvNet().eval()
+    inputs = (torch.randn(1, 3, 24, 22),)
+    quantized, _ = oc.prune(model, inputs, "O1,quantize{mode=static}", calibration_data=[(torch.randn(2, 3, 24, 22),)])
+    convs = [n for n in quantized.graph_module.graph.nodes if n.target is quant.CONV2D_Q]
+    offered = [PLAIN_CONV in kernel_select.candidates(n, resolve_target(ZNVER4)) for n in convs]
+    # stem, 3x3, 3x3/2: the VNNI conv and Relax's; the 1x1 (linear kernel) and the grouped one: not
+    assert offered == [True, True, True, False, False, False, True]
+    assert not any(PLAIN_CONV in kernel_select.candidates(n, resolve_target(ZNVER3)) for n in convs)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    compiled = oc.compile(model, inputs, pipeline="O1,quantize{mode=static}", cache="off",
+                          calibration_data=[(torch.randn(2, 3, 24, 22),)])
+    # both measured (or one out by the selection's 4x cutoff), the faster kept
+    both = [k for k in compiled.report.kernels if k.op == "orca.conv2d_q"
+            if {"tvm", PLAIN_CONV} <= {*k.times_us, *k.rejected}]
+    assert len(both) == 4 and all(k.how == "measured" for k in both)
+    assert all(k.choice == min(k.times_us, key=k.times_us.get) for k in both)
+    assert all(k.layout == "integer" for k in both if k.choice in ("tvm", PLAIN_CONV))
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
@@ -214,7 +235,7 @@ def test_vnni_zoo_resnet_static_equals_the_plain_kernels(level):
     vnni = _compile(model, inputs, pipeline, ZNVER4, calibration_data=calibration)
     plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
     assert not vnni.report.all_fallbacks()
-    assert "orca_im2col" in "".join(_llvm_asm(e) for e in vnni.executables)
+    assert "orca_conv2d_q_vnni" in "".join(_llvm_asm(e) for e in vnni.executables)
     if not HOST_VNNI:
         pytest.skip("host CPU lacks avx512_vnni")
     got = vnni(*inputs)

@@ -326,14 +326,14 @@ def _is_pointwise(weight: torch.Tensor, stride, padding, groups) -> bool:
 
 
 # node.meta key: True on a conv2d_q whose kernel selection chose Relax's int8 conv ("tvm-plain")
-# over the im2col + VNNI kernel ("tvm"); the converter then emits the plain conv.
+# over the direct VNNI conv ("tvm"); the converter then emits the plain conv.
 PLAIN_CONV_META = "orca_plain_int8_conv"
 PLAIN_CONV = "tvm-plain"
 
 
-def im2col_vnni_applies(node: fx.Node, target) -> bool:
-    """Whether `node` is a conv2d_q that becomes im2col + the VNNI linear kernel on `target`: 2-d,
-    ungrouped, not pointwise (those take the linear kernel directly), on a CPU with VNNI.
+def vnni_conv_applies(node: fx.Node, target) -> bool:
+    """Whether `node` is a conv2d_q that becomes the direct VNNI conv on `target`: 2-d, static
+    shapes, ungrouped, not pointwise (those take the linear kernel directly), on a CPU with VNNI.
     Grouped and depthwise convs keep Relax's int8 conv."""
     from . import int8_dot_kernels as dot
 
@@ -344,23 +344,20 @@ def im2col_vnni_applies(node: fx.Node, target) -> bool:
     weight = qweight.meta.get("val") if isinstance(qweight, fx.Node) else None
     if val is None or weight is None or val.dim() != 4 or weight.dim() != 4 or groups != 1:
         return False
-    if _is_pointwise(weight, stride, padding, groups):
+    if _is_pointwise(weight, stride, padding, groups) or not all(isinstance(d, int) for d in val.shape):
         return False
-    columns = dot.im2col_columns(*weight.shape[1:])
-    return dot.dot_path(target, columns, weight.shape[0]) == dot.VNNI
+    return dot.dot_path(target, 4, weight.shape[0]) == dot.VNNI
 
 
 def _conv_int8_dot(importer, node: fx.Node):
-    """orca.conv2d_q as the int8 dot-product linear kernel, or None where none applies:
-    - pointwise (1x1, stride 1, unpadded, ungrouped): on the channels-last pixels
-      (`[B*H*W, Cin]`), VNNI or dp4a;
-    - other ungrouped convs on VNNI CPUs: on the im2col matrix `[B*OH*OW, Kp]` (int8_dot_kernels.im2col_te),
-      the weight flattened to `[O, Kp]` at compile time.
-    Both are transposed back to NCHW."""
+    """orca.conv2d_q on the int8 dot-product instructions, or None where they do not apply:
+    - pointwise (1x1, stride 1, unpadded, ungrouped): the linear kernel (VNNI or dp4a) on the
+      channels-last pixels (`[B*H*W, Cin]`), transposed back to NCHW;
+    - other ungrouped convs with static shapes on VNNI CPUs: the direct VNNI conv (_vnni_conv),
+      unless the kernel selection chose Relax's conv (PLAIN_CONV_META)."""
     import tvm
     from tvm import relax as rx
 
-    from . import int8_dot_kernels as dot
     from .int8_dot_kernels import Epilogue
 
     xq, x_scale, qweight, wscale, bias, stride, padding, dilation, groups, out_scale, activation = node.args
@@ -368,31 +365,54 @@ def _conv_int8_dot(importer, node: fx.Node):
     shape = list(importer.shape_of(importer.env[xq]))
     if len(shape) != 4 or node.meta.get(PLAIN_CONV_META):
         return None
+    if vnni_conv_applies(node, tvm.target.Target.current(allow_none=True)):
+        return _vnni_conv(importer, node, weight)
+    if not _is_pointwise(weight, stride, padding, groups):
+        return None
     bb = importer.block_builder
     batch, channels, height, width = shape
-    out_channels = weight.shape[0]
-    if _is_pointwise(weight, stride, padding, groups):
-        pixels = bb.emit(rx.op.reshape(bb.emit(rx.op.permute_dims(importer.env[xq], [0, 2, 3, 1])),
-                                       [batch * height * width, channels]))
-        matrix, base, out_hw = weight.reshape(out_channels, -1), "orca_conv2d_q_1x1", (height, width)
-    elif im2col_vnni_applies(node, tvm.target.Target.current(allow_none=True)):
-        kernel = tuple(weight.shape[2:])
-        patches = bb.emit_te(functools.partial(dot.im2col_te, kernel=kernel, stride=list(stride), padding=list(padding),
-                                               dilation=list(dilation)),
-                             importer.env[xq], primfunc_name_hint=kernel_name("orca_im2col"))
-        _, out_h, out_w, columns = importer.shape_of(patches)
-        pixels = bb.emit(rx.op.reshape(patches, [batch * out_h * out_w, columns]))
-        matrix, base, out_hw = torch.from_numpy(dot.im2col_weight(weight.numpy())), "orca_conv2d_q_im2col", (out_h, out_w)
-    else:
-        return None
+    pixels = bb.emit(rx.op.reshape(bb.emit(rx.op.permute_dims(importer.env[xq], [0, 2, 3, 1])),
+                                   [batch * height * width, channels]))
     scales = [rx.const(_const(importer, wscale, "scale").numpy())]
     if bias is not None:
         scales.append(importer.env[bias])
-    out = _emit_int8_dot(importer, base, pixels, matrix, scales,
+    out = _emit_int8_dot(importer, "orca_conv2d_q_1x1", pixels, weight.reshape(weight.shape[0], -1), scales,
                          Epilogue(x_scale=x_scale, has_bias=bias is not None, out_scale=out_scale,
                                   activation=activation))
     if out is None:
         return None
+    nhwc = bb.emit(rx.op.reshape(out, [batch, height, width, weight.shape[0]]))
+    return bb.emit(rx.op.permute_dims(nhwc, [0, 3, 1, 2]))
+
+
+def _vnni_conv(importer, node: fx.Node, weight: torch.Tensor):
+    """A non-pointwise orca.conv2d_q as the direct VNNI conv: the int8 input padded and made
+    channels-last (`[B, Hp, Wp, Cp]`, zeros), the kernel's register tiles over output pixels,
+    the weight repacked here, and a transpose back to NCHW."""
+    from tvm import relax as rx
+
+    from . import int8_dot_kernels as dot
+    from .int8_dot_kernels import Epilogue
+
+    xq, x_scale, _, wscale, bias, stride, padding, dilation, _, out_scale, activation = node.args
+    bb = importer.block_builder
+    padded = bb.emit_te(functools.partial(dot.pad_nhwc_te, padding=list(padding)), importer.env[xq],
+                        primfunc_name_hint=kernel_name("orca_pad_nhwc"))
+    batch, height, width, channels = (int(d) for d in importer.shape_of(padded))
+    kernel = tuple(int(d) for d in weight.shape[2:])
+    out_hw = tuple(dot.conv_output_size(size, k, s, 0, d)
+                   for size, k, s, d in zip((height, width), kernel, stride, dilation))
+    out_channels = weight.shape[0]
+    epilogue = Epilogue(x_scale=x_scale, has_bias=bias is not None, out_scale=out_scale, activation=activation)
+    words, compensation = dot.pack_vnni_weight(dot.pack_conv_weight(weight.numpy()))
+    func = bb.add_func(dot.vnni_conv_kernel((batch, height, width, channels), out_hw, kernel, list(stride),
+                                            list(dilation), out_channels, epilogue),
+                       kernel_name("orca_conv2d_q_vnni"))
+    operands = [padded, rx.const(words), rx.const(compensation), rx.const(_const(importer, wscale, "scale").numpy())]
+    if bias is not None:
+        operands.append(importer.env[bias])
+    out = bb.emit(rx.call_tir(func, operands, rx.TensorType([batch * out_hw[0] * out_hw[1], out_channels],
+                                                            epilogue.out_dtype)))
     nhwc = bb.emit(rx.op.reshape(out, [batch, *out_hw, out_channels]))
     return bb.emit(rx.op.permute_dims(nhwc, [0, 3, 1, 2]))
 
@@ -400,8 +420,8 @@ def _conv_int8_dot(importer, node: fx.Node):
 def convert_conv2d_q(node: fx.Node, importer):
     """orca.conv2d_q -> Relax's conv2d on int8 with int32 output, and the epilogue (fused by
     TVM's FuseOps into the conv's kernel). A pointwise (1x1) conv runs as the int8 dot-product
-    linear kernel instead where the target has one, another ungrouped conv as im2col + the VNNI
-    kernel on VNNI CPUs (unless the kernel selection chose this plain conv: PLAIN_CONV_META)."""
+    linear kernel instead where the target has one, another ungrouped conv as the direct VNNI
+    conv on VNNI CPUs (unless the kernel selection chose this plain conv: PLAIN_CONV_META)."""
     from tvm import relax as rx
 
     dot_product = _conv_int8_dot(importer, node)
