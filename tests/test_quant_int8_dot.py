@@ -69,6 +69,11 @@ def test_dot_path_follows_the_target_features():
     assert dot.dot_path(_target(ZNVER4), 66, 64) is None  # K not whole 4-byte words
     assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_80"}), 64, 64) == dot.DP4A
     assert dot.dot_path(None, 64, 64) is None
+    # non-pointwise convs: VNNI CPUs only (CUDA keeps Relax's conv for them)
+    assert dot.conv_path(_target(ZNVER4)) == dot.VNNI
+    assert dot.conv_path(_target(ZNVER3)) is None and dot.conv_path(_target({"kind": "cuda", "arch": "sm_80"})) is None
+    with dot.conv_disabled():
+        assert dot.conv_path(_target(ZNVER4)) is None and dot.dot_path(_target(ZNVER4), 64, 64) == dot.VNNI
 
 
 def test_weight_packing_layouts():

@@ -1,5 +1,5 @@
-"""int8 x int8 -> int32 linear kernels on the hardware dot-product instructions (used by
-quant_kernels.py for linear_dq, linear_q and pointwise conv2d_q).
+"""int8 x int8 -> int32 linear and conv kernels on the hardware dot-product instructions (used
+by quant_kernels.py for linear_dq, linear_q and conv2d_q).
 
 - **AVX-512 VNNI** (llvm targets whose CPU has `avx512vnni`, e.g. znver4, cascadelake, icelake,
   sapphirerapids): `vpdpbusd` multiplies 4 unsigned bytes by 4 signed bytes and adds the 4
@@ -10,14 +10,23 @@ quant_kernels.py for linear_dq, linear_q and pointwise conv2d_q).
   of one column a word; padding columns are zeros), so one 64-byte load feeds one instruction. A register tile of `rows` x
   `16 * blocks` accumulators runs over all of K, then the float epilogue (scales, bias, ReLU,
   requantize) is applied to the tile; the tiles of output columns run in parallel when big.
-- **CUDA `__dp4a`** (cuda targets): the same dot of 4 int8 pairs into an int32, one thread per
-  output column and a few rows; the weight is packed `[K/4, N]` int32 so a warp's loads are
-  coalesced.
+- **VNNI conv** (the same CPUs; ungrouped conv2d_q that is not pointwise: 3x3, strided,
+  padded, dilated): the same register tile with output pixels as its rows, reducing over
+  (kh, kw, Cp/4) of an int8 input that a TE step pads and makes channels-last
+  (`[B, Hp, Wp, Cp]`, Cp = C rounded up to 4, zeros). Each step reads 4 channels of one tap of
+  each pixel: no im2col matrix (a TE im2col was tried: its gather cost more than Relax's whole
+  int8 conv). The padding is int8 0 before the u8 shift, so the correction stays exact. A
+  pointwise conv is the linear kernel on its channels-last pixels. Grouped and depthwise convs
+  are not served.
+- **CUDA `__dp4a`** (cuda targets, linears and pointwise convs only): the same dot of 4 int8
+  pairs into an int32, one thread per output column and a few rows; the weight is packed
+  `[K/4, N]` int32 so a warp's loads are coalesced.
 
-Both give exactly the integer accumulators of the plain kernels (quant_kernels.py); the float
+All give exactly the integer accumulators of the plain kernels (quant_kernels.py); the float
 epilogue is the same expression (`quant_kernels._int8_epilogue`), so the float results match too.
 The kernels are hand-written TIR marked scheduled: our CPU rules and dlight leave them alone.
-`dot_path(target, k, n)` says which kernel (if any) a layer gets. CPUs without VNNI (znver3)
+`dot_path(target, k, n)` says which kernel (if any) a layer gets, `conv_path(target)` whether
+non-pointwise convs get the VNNI conv. CPUs without VNNI (znver3)
 and AMX are not served here: AMX is not implemented (no machine to run it on).
 """
 from __future__ import annotations
@@ -99,6 +108,29 @@ def disabled():
         yield
     finally:
         _disabled = previous
+
+
+_conv_disabled = False
+
+
+@contextlib.contextmanager
+def conv_disabled():
+    """Within this block, non-pointwise int8 convs get Relax's int8 conv as before the direct
+    VNNI conv (linears and pointwise convs keep their dot-product kernels): for benchmarks."""
+    global _conv_disabled
+    previous, _conv_disabled = _conv_disabled, True
+    try:
+        yield
+    finally:
+        _conv_disabled = previous
+
+
+def conv_path(target) -> str | None:
+    """VNNI where a non-pointwise ungrouped int8 conv gets the direct VNNI conv on `target`, else
+    None (Relax's int8 conv; CUDA included: dp4a serves linears and pointwise convs only)."""
+    if _conv_disabled:
+        return None
+    return VNNI if dot_path(target, 4, VNNI_LANES) == VNNI else None
 
 
 def dot_path(target, k: int, n: int) -> str | None:

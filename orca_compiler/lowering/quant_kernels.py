@@ -13,7 +13,8 @@ matrix-vector product bound by the weight's memory traffic.
 - dynamic (`linear_dq`): one function quantizes each row of x (absmax / 127), a second multiplies
   int8 x int8 into int32 and scales back in its epilogue.
 - static (`linear_q`, `conv2d_q`, `quantize`, `dequantize`): int8 x int8 -> int32 with the
-  requantize (or dequantize) epilogue fused; the conv is Relax's conv2d with `out_dtype=int32`.
+  requantize (or dequantize) epilogue fused; the conv is Relax's conv2d with `out_dtype=int32`,
+  or on the int8 dot-product instructions (int8_dot_kernels.py) where the target has them.
 
 On CUDA the same TE computes go through TVM's default GPU pipeline (dlight's rules). Imported
 lazily by support.py, which registers the converters.
@@ -346,7 +347,7 @@ def vnni_conv_applies(node: fx.Node, target) -> bool:
         return False
     if _is_pointwise(weight, stride, padding, groups) or not all(isinstance(d, int) for d in val.shape):
         return False
-    return dot.dot_path(target, 4, weight.shape[0]) == dot.VNNI
+    return dot.conv_path(target) == dot.VNNI
 
 
 def _conv_int8_dot(importer, node: fx.Node):
