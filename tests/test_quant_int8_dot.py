@@ -1,10 +1,13 @@
 """The int8 kernels on the hardware dot-product instructions (lowering/int8_dot_kernels.py).
 
 - AVX-512 VNNI (vpdpbusd): the int32 accumulators equal torch's integer matmul exactly, for
-  every shape class (row tiles and their remainder, column tails, any batch); compiled quantized
-  models equal the eager reference of the quantized ops; the VNNI instruction is in the code for
-  a VNNI CPU and absent for znver3 (no VNNI), whose code is the plain kernel's. The code is
-  generated on any machine; running it needs a host with avx512_vnni (skipped elsewhere).
+  every shape class (row tiles and their remainder, column tails, any batch), and the direct
+  VNNI conv's equal torch's integer conv (padded, strided, dilated, 7x7 stems, C*kh*kw not a
+  multiple of 4, batch > 1); compiled quantized models (linears, convs of every kind, the zoo
+  resnet) equal the eager reference of the quantized ops and, bit for bit, the same model built
+  for znver3 (no VNNI), whose code is the plain kernels'; the kernel selection measures the VNNI
+  conv against Relax's int8 conv. The code is generated on any machine; running it needs a host
+  with avx512_vnni (skipped elsewhere).
 - CUDA __dp4a: the generated CUDA source calls it, and nvcc compiles it for sm_80 when on PATH.
 """
 from __future__ import annotations
@@ -148,7 +151,9 @@ def test_vnni_conv_accumulators_equal_the_integer_conv(case):
     padded_shape = (batch, h + 2 * padding[0], w + 2 * padding[1], dot.conv_channels(c))
     out_h, out_w = (dot.conv_output_size(size, k, s, p, d)
                     for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
-    conv = dot.vnni_conv_kernel(padded_shape, (out_h, out_w), kernel, stride, dilation, o, dot.Epilogue(raw=True))
+    parallel = batch == 3  # row tiles in parallel (from PARALLEL_MIN_MACS in real layers)
+    conv = dot.vnni_conv_kernel(padded_shape, (out_h, out_w), kernel, stride, dilation, o, dot.Epilogue(raw=True),
+                                parallel=parallel)
     built = tvm.compile(tvm.IRModule({"main": conv.with_attr("global_symbol", "main")}), target=target)
     assert "vpdpbusd" in _llvm_asm(built)
     if not HOST_VNNI:
