@@ -132,13 +132,18 @@ def _sparse_sentence(choice) -> str:
 def _quant_sentence(choice) -> str:
     """`%node -> kernel (...)` for one KernelChoice of a quantized op: integer or float32, and why."""
     head = f"%{choice.node} ({choice.op}) -> {choice.choice}"
-    integer = choice.times_us.get("tvm")
-    floats = {k: v for k, v in choice.times_us.items() if k != "tvm"}
+    # "tvm" and its variants (an int8 conv: "tvm" the VNNI conv, "tvm-plain" Relax's int8 conv)
+    integers = {k: v for k, v in choice.times_us.items() if k.startswith("tvm")}
+    integer = min(integers.values(), default=None)
+    floats = {k: v for k, v in choice.times_us.items() if not k.startswith("tvm")}
     best_float = min(floats, key=floats.get) if floats else None
     versus = (f"integer {integer:.1f}us vs float32 {best_float} {floats[best_float]:.1f}us"
               if integer is not None and best_float else "")
     if choice.layout == "integer":
         out = "; ".join(f"{k} out: {reason}" for k, reason in choice.rejected.items())
+        if len(integers) > 1:
+            versus = ", ".join(f"{k} {v:.1f}us" for k, v in sorted(integers.items(), key=lambda kv: kv[1])) + \
+                (f" vs float32 {best_float} {floats[best_float]:.1f}us" if best_float else "")
         return f"{head} (integer kernel{': ' + versus if versus else ''}{'; ' + out if out else ''}, {choice.how})"
     reason = versus or choice.rejected.get("tvm", "") or choice.how
     return (f"{head} (kept float32 on the dequantized weight: the integer kernel was slower here; {reason}, "

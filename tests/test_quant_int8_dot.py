@@ -1,10 +1,13 @@
 """The int8 kernels on the hardware dot-product instructions (lowering/int8_dot_kernels.py).
 
 - AVX-512 VNNI (vpdpbusd): the int32 accumulators equal torch's integer matmul exactly, for
-  every shape class (row tiles and their remainder, column tails, any batch); compiled quantized
-  models equal the eager reference of the quantized ops; the VNNI instruction is in the code for
-  a VNNI CPU and absent for znver3 (no VNNI), whose code is the plain kernel's. The code is
-  generated on any machine; running it needs a host with avx512_vnni (skipped elsewhere).
+  every shape class (row tiles and their remainder, column tails, any batch), and the direct
+  VNNI conv's equal torch's integer conv (padded, strided, dilated, 7x7 stems, C*kh*kw not a
+  multiple of 4, batch > 1); compiled quantized models (linears, convs of every kind, the zoo
+  resnet) equal the eager reference of the quantized ops and, bit for bit, the same model built
+  for znver3 (no VNNI), whose code is the plain kernels'; the kernel selection measures the VNNI
+  conv against Relax's int8 conv. The code is generated on any machine; running it needs a host
+  with avx512_vnni (skipped elsewhere).
 - CUDA __dp4a: the generated CUDA source calls it, and nvcc compiles it for sm_80 when on PATH.
 """
 from __future__ import annotations
@@ -69,6 +72,11 @@ def test_dot_path_follows_the_target_features():
     assert dot.dot_path(_target(ZNVER4), 66, 64) is None  # K not whole 4-byte words
     assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_80"}), 64, 64) == dot.DP4A
     assert dot.dot_path(None, 64, 64) is None
+    # non-pointwise convs: VNNI CPUs only (CUDA keeps Relax's conv for them)
+    assert dot.conv_path(_target(ZNVER4)) == dot.VNNI
+    assert dot.conv_path(_target(ZNVER3)) is None and dot.conv_path(_target({"kind": "cuda", "arch": "sm_80"})) is None
+    with dot.conv_disabled():
+        assert dot.conv_path(_target(ZNVER4)) is None and dot.dot_path(_target(ZNVER4), 64, 64) == dot.VNNI
 
 
 def test_weight_packing_layouts():
@@ -111,6 +119,138 @@ def test_vnni_accumulators_equal_the_integer_matmul(rows, k, n, symbolic):
     out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
     built["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(words), tvm.runtime.tensor(compensation), out)
     assert torch.equal(torch.from_numpy(out.numpy()).long(), x.long() @ weight.long().T)
+
+
+# -- the direct VNNI conv: non-pointwise convs ---------------------------------------------------------
+
+# (batch, C, H, W, O, kernel, stride, padding): 3x3 pad 1; 3x3 stride 2 (and unpadded); the
+# resnet stem's 7x7 stride 2 pad 3 (C = 3: C*kh*kw = 147, not whole 4-byte words); C*kh*kw = 27;
+# a 1x3 with a column tail of output channels (10) and a remainder row tile (3*5 pixels).
+CONVS = [(1, 16, 8, 8, 32, (3, 3), 1, 1), (3, 8, 9, 7, 16, (3, 3), 2, 1), (2, 8, 8, 9, 16, (3, 3), 2, 0),
+         (1, 3, 20, 18, 64, (7, 7), 2, 3), (2, 3, 6, 5, 24, (3, 3), 1, 1), (1, 5, 3, 9, 10, (1, 3), (1, 2), (0, 1))]
+
+
+def _conv_id(case):
+    batch, c, h, w, o, kernel, stride, padding = case
+    return f"b{batch}-c{c}-{kernel[0]}x{kernel[1]}-s{stride}-p{padding}-o{o}"
+
+
+@pytest.mark.parametrize("case", CONVS, ids=[_conv_id(c) for c in CONVS])
+def test_vnni_conv_accumulators_equal_the_integer_conv(case):
+    import tvm
+    from tvm import te
+
+    batch, c, h, w, o, kernel, stride, padding = case
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    stride, padding = pair(stride), pair(padding)
+    dilation = [2, 1] if c == 16 else [1, 1]  # one dilated case
+    x_te = te.placeholder((batch, c, h, w), "int8", name="x")
+    target = _target(ZNVER4)
+    pad = tvm.compile(tvm.IRModule({"main": te.create_prim_func([x_te, dot.pad_nhwc_te(x_te, padding=padding)])}),
+                      target=target)
+    padded_shape = (batch, h + 2 * padding[0], w + 2 * padding[1], dot.conv_channels(c))
+    out_h, out_w = (dot.conv_output_size(size, k, s, p, d)
+                    for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    parallel = batch == 3  # row tiles in parallel (from PARALLEL_MIN_MACS in real layers)
+    conv = dot.vnni_conv_kernel(padded_shape, (out_h, out_w), kernel, stride, dilation, o, dot.Epilogue(raw=True),
+                                parallel=parallel)
+    built = tvm.compile(tvm.IRModule({"main": conv.with_attr("global_symbol", "main")}), target=target)
+    assert "vpdpbusd" in _llvm_asm(built)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    generator = torch.Generator().manual_seed(batch * out_h * out_w + o)
+    weight = torch.randint(-128, 128, (o, c, *kernel), dtype=torch.int8, generator=generator)
+    x = torch.randint(-128, 128, (batch, c, h, w), dtype=torch.int8, generator=generator)
+    weight[0], x[0, :, 0, :] = 127, -128  # the extremes, on the border next to the zero padding
+    padded = tvm.runtime.tensor(np.zeros(padded_shape, np.int8))
+    pad["main"](tvm.runtime.tensor(x.numpy()), padded)
+    words, compensation = dot.pack_vnni_weight(dot.pack_conv_weight(weight.numpy()))
+    out = tvm.runtime.tensor(np.zeros((batch * out_h * out_w, o), np.int32))
+    built["main"](padded, tvm.runtime.tensor(words), tvm.runtime.tensor(compensation), out)
+    want = torch.nn.functional.conv2d(x.double(), weight.double(), None, stride, padding, dilation)  # exact: < 2^53
+    got = torch.from_numpy(out.numpy()).reshape(batch, out_h, out_w, o).permute(0, 3, 1, 2)
+    assert torch.equal(got.double(), want)
+
+
+class _ConvNet(torch.nn.Module):
+    """The non-pointwise convs of CONVS's kinds in one static int8 model: a stem 7x7/2 pad 3 on 3
+    channels (K = 147), a 3x3 pad 1, a 3x3 stride 2, a 1x1 (the linear kernel), a grouped 3x3
+    (Relax's int8 conv) and an unpadded 3x3 on 5 channels (C*kh*kw = 45) to 10 (a column tail)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        relu = torch.nn.ReLU
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 7, 2, 3), relu(), torch.nn.Conv2d(16, 16, 3, 1, 1), relu(),
+            torch.nn.Conv2d(16, 32, 3, 2, 1), relu(), torch.nn.Conv2d(32, 16, 1), relu(),
+            torch.nn.Conv2d(16, 16, 3, 1, 1, groups=4), relu(), torch.nn.Conv2d(16, 5, 1), relu(),
+            torch.nn.Conv2d(5, 10, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_vnni_convs_equal_the_reference_and_the_plain_kernels(batch):
+    model = _ConvNet().eval()
+    inputs = (torch.randn(batch, 3, 24, 22, generator=torch.Generator().manual_seed(batch)),)
+    calibration = [(torch.randn(4, 3, 24, 22),)]
+    pipeline = "O1,quantize{mode=static}"
+    reference, _ = oc.prune(model, inputs, pipeline, calibration_data=calibration)
+    vnni = _compile(model, inputs, pipeline, ZNVER4, calibration_data=calibration)
+    plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
+    assert not vnni.report.all_fallbacks()
+    asm = "".join(_llvm_asm(e) for e in vnni.executables)
+    assert "vpdpbusd" in asm and "orca_conv2d_q_vnni" in asm
+    assert "vpdpbusd" not in "".join(_llvm_asm(e) for e in plain.executables)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    got = vnni(*inputs)
+    assert relative_error(got, reference(*inputs)) < 1e-3
+    assert torch.equal(got, plain(*inputs))
+
+
+def test_vnni_convs_are_measured_against_relax_int8_conv():
+    from orca_compiler.lowering import kernel_select
+    from orca_compiler.lowering.quant_kernels import PLAIN_CONV
+    from orca_compiler.lowering.target import resolve_target
+
+    model = _ConvNet().eval()
+    inputs = (torch.randn(1, 3, 24, 22),)
+    quantized, _ = oc.prune(model, inputs, "O1,quantize{mode=static}", calibration_data=[(torch.randn(2, 3, 24, 22),)])
+    convs = [n for n in quantized.graph_module.graph.nodes if n.target is quant.CONV2D_Q]
+    offered = [PLAIN_CONV in kernel_select.candidates(n, resolve_target(ZNVER4)) for n in convs]
+    # stem, 3x3, 3x3/2: the VNNI conv and Relax's; the 1x1 (linear kernel) and the grouped one: not
+    assert offered == [True, True, True, False, False, False, True]
+    assert not any(PLAIN_CONV in kernel_select.candidates(n, resolve_target(ZNVER3)) for n in convs)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    compiled = oc.compile(model, inputs, pipeline="O1,quantize{mode=static}", cache="off",
+                          calibration_data=[(torch.randn(2, 3, 24, 22),)])
+    # both measured (or one out by the selection's 4x cutoff), the faster kept
+    both = [k for k in compiled.report.kernels if k.op == "orca.conv2d_q"
+            if {"tvm", PLAIN_CONV} <= {*k.times_us, *k.rejected}]
+    assert len(both) == 4 and all(k.how == "measured" for k in both)
+    assert all(k.choice == min(k.times_us, key=k.times_us.get) for k in both)
+    assert all(k.layout == "integer" for k in both if k.choice in ("tvm", PLAIN_CONV))
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_vnni_zoo_resnet_static_equals_the_plain_kernels(level):
+    model, inputs = oc.zoo.get("resnet")
+    calibration = [oc.zoo.get("resnet", seed=1)[1], oc.zoo.get("resnet", seed=2)[1]]
+    pipeline = f"{level},quantize{{mode=static}}"
+    reference, _ = oc.prune(model, inputs, pipeline, calibration_data=calibration)
+    vnni = _compile(model, inputs, pipeline, ZNVER4, calibration_data=calibration)
+    plain = _compile(model, inputs, pipeline, ZNVER3, calibration_data=calibration)
+    assert not vnni.report.all_fallbacks()
+    assert "orca_conv2d_q_vnni" in "".join(_llvm_asm(e) for e in vnni.executables)
+    if not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    got = vnni(*inputs)
+    assert relative_error(got, reference(*inputs)) < 1e-3
+    assert torch.equal(got, plain(*inputs))
 
 
 # -- compiled quantized models ----------------------------------------------------------------------

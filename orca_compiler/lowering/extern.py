@@ -389,7 +389,7 @@ def kernel_layout(op: str, choice: str) -> str:
     op: "integer" if the chosen kernel computes on the integer weights (our TVM kernel), "float32"
     if it runs on dequantized ones. "" for other ops."""
     if op in quant_ops.QUANT_OP_NAMES:
-        return "integer" if choice == "tvm" else "float32"
+        return "integer" if choice.startswith("tvm") else "float32"  # "tvm" and its variants ("tvm-plain")
     if op not in sparse_ops.SPARSE_OP_NAMES:
         return ""
     return "sparse" if choice in SPARSE_KERNELS else "dense"

@@ -1,5 +1,5 @@
-"""int8 x int8 -> int32 linear kernels on the hardware dot-product instructions (used by
-quant_kernels.py for linear_dq, linear_q and pointwise conv2d_q).
+"""int8 x int8 -> int32 linear and conv kernels on the hardware dot-product instructions (used
+by quant_kernels.py for linear_dq, linear_q and conv2d_q).
 
 - **AVX-512 VNNI** (llvm targets whose CPU has `avx512vnni`, e.g. znver4, cascadelake, icelake,
   sapphirerapids): `vpdpbusd` multiplies 4 unsigned bytes by 4 signed bytes and adds the 4
@@ -10,14 +10,23 @@ quant_kernels.py for linear_dq, linear_q and pointwise conv2d_q).
   of one column a word; padding columns are zeros), so one 64-byte load feeds one instruction. A register tile of `rows` x
   `16 * blocks` accumulators runs over all of K, then the float epilogue (scales, bias, ReLU,
   requantize) is applied to the tile; the tiles of output columns run in parallel when big.
-- **CUDA `__dp4a`** (cuda targets): the same dot of 4 int8 pairs into an int32, one thread per
-  output column and a few rows; the weight is packed `[K/4, N]` int32 so a warp's loads are
-  coalesced.
+- **VNNI conv** (the same CPUs; ungrouped conv2d_q that is not pointwise: 3x3, strided,
+  padded, dilated): the same register tile with output pixels as its rows, reducing over
+  (kh, kw, Cp/4) of an int8 input that a TE step pads and makes channels-last
+  (`[B, Hp, Wp, Cp]`, Cp = C rounded up to 4, zeros). Each step reads 4 channels of one tap of
+  each pixel: no im2col matrix (a TE im2col was tried: its gather cost more than Relax's whole
+  int8 conv). The padding is int8 0 before the u8 shift, so the correction stays exact. A
+  pointwise conv is the linear kernel on its channels-last pixels. Grouped and depthwise convs
+  are not served.
+- **CUDA `__dp4a`** (cuda targets, linears and pointwise convs only): the same dot of 4 int8
+  pairs into an int32, one thread per output column and a few rows; the weight is packed
+  `[K/4, N]` int32 so a warp's loads are coalesced.
 
-Both give exactly the integer accumulators of the plain kernels (quant_kernels.py); the float
+All give exactly the integer accumulators of the plain kernels (quant_kernels.py); the float
 epilogue is the same expression (`quant_kernels._int8_epilogue`), so the float results match too.
 The kernels are hand-written TIR marked scheduled: our CPU rules and dlight leave them alone.
-`dot_path(target, k, n)` says which kernel (if any) a layer gets. CPUs without VNNI (znver3)
+`dot_path(target, k, n)` says which kernel (if any) a layer gets, `conv_path(target)` whether
+non-pointwise convs get the VNNI conv. CPUs without VNNI (znver3)
 and AMX are not served here: AMX is not implemented (no machine to run it on).
 """
 from __future__ import annotations
@@ -101,6 +110,29 @@ def disabled():
         _disabled = previous
 
 
+_conv_disabled = False
+
+
+@contextlib.contextmanager
+def conv_disabled():
+    """Within this block, non-pointwise int8 convs get Relax's int8 conv as before the direct
+    VNNI conv (linears and pointwise convs keep their dot-product kernels): for benchmarks."""
+    global _conv_disabled
+    previous, _conv_disabled = _conv_disabled, True
+    try:
+        yield
+    finally:
+        _conv_disabled = previous
+
+
+def conv_path(target) -> str | None:
+    """VNNI where a non-pointwise ungrouped int8 conv gets the direct VNNI conv on `target`, else
+    None (Relax's int8 conv; CUDA included: dp4a serves linears and pointwise convs only)."""
+    if _conv_disabled:
+        return None
+    return VNNI if dot_path(target, 4, VNNI_LANES) == VNNI else None
+
+
 def dot_path(target, k: int, n: int) -> str | None:
     """The dot-product kernel for an int8 linear with `k` input and `n` output columns on
     `target`: VNNI, DP4A, or None (the plain TE kernel). Needs `k % 4 == 0` (one 32-bit word of
@@ -144,6 +176,102 @@ def pack_dp4a_weight(weight: np.ndarray) -> np.ndarray:
         raise Int8DotError(f"the dp4a kernel needs K % 4 == 0, got K={k}")
     w = np.ascontiguousarray(weight, dtype=np.int8)
     return np.ascontiguousarray(w.reshape(n, k // 4, 4).view("<i4").reshape(n, k // 4).T)
+
+
+# -- convolutions: the VNNI tile over (kh, kw, C/4) of a padded channels-last input ---------------
+
+def conv_channels(channels: int) -> int:
+    """Input channels rounded up to whole 4-byte words: the padded input's and weight's C."""
+    return -(-channels // 4) * 4
+
+
+def pack_conv_weight(weight: np.ndarray) -> np.ndarray:
+    """int8 conv weight `[O, C, kh, kw]` -> the `[O, kh * kw * Cp]` matrix of the VNNI conv
+    kernel (Cp = conv_channels(C)): column `(i * kw + j) * Cp + c`, zeros for c >= C (so they add
+    nothing to pack_vnni_weight's `-128 * sum_k w` correction either)."""
+    out_channels, channels, kh, kw = weight.shape
+    padded = np.zeros((out_channels, kh, kw, conv_channels(channels)), dtype=np.int8)
+    padded[..., :channels] = weight.transpose(0, 2, 3, 1)
+    return padded.reshape(out_channels, -1)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pad_nhwc_te(x, *, padding):
+    """TE: int8 x `[B, C, H, W]` -> `[B, H + 2 ph, W + 2 pw, Cp]` int8, channels last, the
+    border and channels >= C int8 zeros. They are zeros *before* the VNNI kernel's u8 shift, so
+    there they become 128, and their `128 * w` is taken back by the correction as for any real 0:
+    the result is the conv with zero padding, exactly."""
+    from tvm import te, tirx
+
+    batch, channels, height, width = (int(d) for d in x.shape)
+    ph, pw = padding
+
+    def value(b, h, w, c):
+        inside = tirx.all(c < channels, h >= ph, h < height + ph, w >= pw, w < width + pw)
+        return tirx.if_then_else(inside, x[b, c, h - ph, w - pw], tirx.const(0, "int8"))
+
+    return te.compute((batch, height + 2 * ph, width + 2 * pw, conv_channels(channels)), value, name="pad_nhwc")
+
+
+def vnni_conv_kernel(padded_shape, out_hw, kernel, stride, dilation, n: int, epilogue: Epilogue,
+                     parallel: bool | None = None):
+    """The PrimFunc `(xp int8 [B, Hp, Wp, Cp], w int32 [P/16, K/4, 16], comp int32 [P],
+    <epilogue operands>, out [B * OH * OW, N])`: a direct conv of the padded channels-last input
+    (pad_nhwc_te) with pack_conv_weight's matrix packed by pack_vnni_weight (K = kh * kw * Cp).
+    The tile of the linear kernel, its rows being output pixels: each step reads 4 channels of
+    one tap of each pixel, no im2col matrix. Row tiles run in parallel when big."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    batch, height, width, channels = padded_shape
+    out_h, out_w = out_hw
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = stride, dilation
+    if channels % 4:
+        raise Int8DotError(f"the VNNI conv needs channels % 4 == 0 (padded), got {channels}")
+    k = kh * kw * channels
+    rows, cols = batch * out_h * out_w, vnni_columns(n)
+    tile = vnni_tile(rows, n)
+    width_cols = tile.blocks * VNNI_LANES
+    full = rows // tile.rows
+    if parallel is None:
+        parallel = rows * n * k >= PARALLEL_MIN_MACS and full > 1
+    with IRBuilder() as builder:
+        with T.prim_func(private=True):
+            T.func_name("orca_int8_vnni_conv")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            xp = T.match_buffer(T.arg("xp", T.handle()), (batch, height, width, channels), "int8")
+            w = T.match_buffer(T.arg("w", T.handle()), (cols // VNNI_LANES, k // 4, VNNI_LANES), "int32")
+            comp = T.match_buffer(T.arg("comp", T.handle()), (cols,), "int32")
+            buffers = _scale_args(T, epilogue, rows, n)
+            out = T.match_buffer(T.arg("out", T.handle()), (rows, n), epilogue.out_dtype)
+            finish = _epilogue_fn(epilogue, buffers)
+
+            def pixel(T, row):
+                return (T.Bind(row // (out_h * out_w)), T.Bind(row // out_w % out_h), T.Bind(row % out_w))
+
+            def x_word(base, v):
+                from tvm import tirx
+
+                (b, y, xx), (i, j, c4) = base, v
+                return tirx.reinterpret("int32", xp[b, y * sh + i * dh, xx * sw + j * dw, tirx.Ramp(c4 * 4, 1, 4)])
+
+            red = _Reduction((kh, kw, channels // 4), pixel, x_word,
+                             lambda v: (v[0] * kw + v[1]) * (channels // 4) + v[2])
+
+            def columns(m0, count):
+                with T.serial(0, cols // width_cols) as col_tile:
+                    _vnni_tile(T, red, w, comp, out, finish, n, m0, col_tile * width_cols, count, tile.blocks)
+
+            if full:
+                with (T.parallel if parallel else T.serial)(0, full) as row_tile:
+                    columns(row_tile * tile.rows, tile.rows)
+            if rows % tile.rows:
+                columns(full * tile.rows, rows % tile.rows)
+    return builder.get()
 
 
 # -- the epilogue, shared ---------------------------------------------------------------------------
@@ -239,18 +367,39 @@ def vnni_linear_kernel(rows: int | None, k: int, n: int, epilogue: Epilogue, til
                 full = m // tile.rows
                 if not isinstance(full, int) or full > 0:
                     with T.serial(0, full) as row_tile:
-                        _vnni_tile(T, x, w, comp, out, finish, n, row_tile * tile.rows, n0, tile.rows, tile.blocks, k)
+                        _vnni_tile(T, _matrix_rows(x, k), w, comp, out, finish, n, row_tile * tile.rows, n0, tile.rows,
+                                   tile.blocks)
                 if isinstance(m, tirx.Var):  # any batch: the rows past the last full tile, one at a time
                     with T.serial(full * tile.rows, m) as row:
-                        _vnni_tile(T, x, w, comp, out, finish, n, row, n0, 1, tile.blocks, k)
+                        _vnni_tile(T, _matrix_rows(x, k), w, comp, out, finish, n, row, n0, 1, tile.blocks)
                 elif m % tile.rows:  # one tile of the remaining rows
-                    _vnni_tile(T, x, w, comp, out, finish, n, full * tile.rows, n0, m % tile.rows, tile.blocks, k)
+                    _vnni_tile(T, _matrix_rows(x, k), w, comp, out, finish, n, full * tile.rows, n0, m % tile.rows,
+                               tile.blocks)
     return builder.get()
 
 
-def _vnni_tile(T, x, w, comp, out, finish, n: int, m0, n0, rows: int, blocks: int, k: int) -> None:
+@dataclass(frozen=True)
+class _Reduction:
+    """What a VNNI tile reduces over: nested serial loops of `extents`, and for given loop
+    variables the packed weight's K/4 step and (per tile row, given the row index) the int32
+    word of 4 int8 activations. A matrix row: one loop over K/4; a conv pixel: (kh, kw, Cp/4)."""
+
+    extents: tuple
+    row_base: Callable  # (T, row) -> per-row values computed once before the loops
+    x_word: Callable  # (base, loop vars) -> int32 word of 4 int8 activations
+    w_step: Callable  # (loop vars) -> the packed weight's k4 index
+
+
+def _matrix_rows(x, k: int) -> _Reduction:
+    from tvm import tirx
+
+    return _Reduction((k // 4,), lambda T, row: row,
+                      lambda row, v: tirx.reinterpret("int32", x[row, tirx.Ramp(v[0] * 4, 1, 4)]), lambda v: v[0])
+
+
+def _vnni_tile(T, red: _Reduction, w, comp, out, finish, n: int, m0, n0, rows: int, blocks: int) -> None:
     """Emit one register tile: `rows` x `blocks` vectors of accumulators from the compensation,
-    vpdpbusd over K/4 words, then the epilogue into `out[m0 : m0 + rows, n0 : n0 + 16 blocks]`.
+    vpdpbusd over the reduction `red`, then the epilogue into `out[m0 : m0 + rows, n0 : n0 + 16 blocks]`.
 
     Each accumulator is a 16-lane buffer of its own: small stack buffers, which LLVM keeps in
     registers over the K loop. (One buffer for the tile reached TVM's 1 KB stack limit at 4 x 4,
@@ -262,13 +411,15 @@ def _vnni_tile(T, x, w, comp, out, finish, n: int, m0, n0, rows: int, blocks: in
     for r in range(rows):
         for b in range(blocks):
             T.buffer_store(acc[r][b], comp[lanes(n0 + b * VNNI_LANES)], [lanes(0)])
-    with T.serial(0, k // 4) as k4:
+    bases = [red.row_base(T, m0 + r) for r in range(rows)]
+    with contextlib.ExitStack() as loops:
+        v = [loops.enter_context(T.serial(0, extent)) for extent in red.extents]
         # 4 int8 of row r as one int32, shifted to u8, in all 16 lanes; each weight vector once.
         # (This LLVM's vpdpbusd takes <64 x i8> operands, not the <16 x i32> of older ones.)
         xs = [T.Bind(tirx.reinterpret("int8x64", tirx.Broadcast(tirx.bitwise_xor(
-            tirx.reinterpret("int32", x[m0 + r, tirx.Ramp(k4 * 4, 1, 4)]), tirx.const(_SIGN_BITS, "int32")),
-            VNNI_LANES))) for r in range(rows)]
-        ws = [T.Bind(tirx.reinterpret("int8x64", w[n0 // VNNI_LANES + b, k4, lanes(0)])) for b in range(blocks)]
+            red.x_word(bases[r], v), tirx.const(_SIGN_BITS, "int32")), VNNI_LANES))) for r in range(rows)]
+        ws = [T.Bind(tirx.reinterpret("int8x64", w[n0 // VNNI_LANES + b, red.w_step(v), lanes(0)]))
+              for b in range(blocks)]
         for r in range(rows):
             for b in range(blocks):
                 dot = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[r][b][lanes(0)],

@@ -23,6 +23,7 @@ from ..ir import GraphIR, sanitize_name
 from ..printer import op_name
 from ..timing import time_interleaved
 from .extern import bind_extern, extern_impls_for, impl_named, kernel_layout
+from .quant_kernels import PLAIN_CONV, PLAIN_CONV_META, vnni_conv_applies
 from .selection_cache import SelectionCache
 from .support import tvm_converts
 from .target import ResolvedTarget
@@ -89,10 +90,24 @@ def selection_key(node: fx.Node) -> str:
     return f"{op_name(node)}{args!r}{kwargs!r}"
 
 
-def candidates(node: fx.Node) -> list[str]:
-    """Names of the kernels that can run `node`: "tvm" and/or extern implementations."""
+# TVM candidates besides "tvm": an int8 conv that becomes the direct VNNI conv ("tvm") is also
+# measured as Relax's plain int8 conv ("tvm-plain"), and the faster kept.
+TVM_VARIANTS = (PLAIN_CONV,)
+TVM_KERNELS = frozenset({"tvm", *TVM_VARIANTS})
+
+
+def candidates(node: fx.Node, target: ResolvedTarget | None = None) -> list[str]:
+    """Names of the kernels that can run `node`: "tvm" (and on `target` its variants) and/or
+    extern implementations."""
     names = ["tvm"] if tvm_converts(node) else []
+    if names and target is not None and vnni_conv_applies(node, target.tvm_target):
+        names.append(PLAIN_CONV)
     return names + [impl.name for impl in extern_impls_for(node)]
+
+
+def import_meta(name: str) -> dict:
+    """The node.meta entries that make the converters emit candidate `name` (a TVM variant)."""
+    return {PLAIN_CONV_META: name == PLAIN_CONV}
 
 
 def select_kernels(ir: GraphIR, target: ResolvedTarget, mode: str = MEASURE,
@@ -114,7 +129,7 @@ def select_kernels(ir: GraphIR, target: ResolvedTarget, mode: str = MEASURE,
     if can_measure and cache is None:
         cache = SelectionCache(target.key + (f"|tuning:{_database_identity(database)}" if database else ""))
     for node in ir.compute_nodes():
-        names = candidates(node)
+        names = candidates(node, target)
         if not names or names == ["tvm"]:
             continue
         symbolic = has_symbolic_shape(node)
@@ -253,9 +268,10 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
     for index, (key, node) in enumerate(nodes.items()):
         probe, copy = probe_graph(node, ir.gm)
         inputs[key] = [random_input(n.meta["val"]) for n in probe.graph.nodes if n.op == "placeholder"]
-        for name in candidates(node):
+        for name in candidates(node, target):
             externs = None
-            if name != "tvm":
+            copy.meta.update(import_meta(name))
+            if name not in TVM_KERNELS:
                 call = bind_extern(copy, probe, impl_named(name))
                 keep_alive.append(call)
                 externs = {copy.name: call}
@@ -284,8 +300,8 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
     except Exception as exc:  # one TVM candidate that does not build must not sink the others
         reason = f"TVM build failed: {tvm_error_summary(exc)}"
         log.info("kernel selection: %s; measuring the extern kernels only", reason)
-        for key, name in [k for k in functions if k[1] == "tvm"]:
-            rejected[key]["tvm"] = reason
+        for key, name in [k for k in functions if k[1] in TVM_KERNELS]:
+            rejected[key][name] = reason
             del functions[(key, name)]
         vm = build(functions)
     results = {}

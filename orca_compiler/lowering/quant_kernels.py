@@ -13,7 +13,8 @@ matrix-vector product bound by the weight's memory traffic.
 - dynamic (`linear_dq`): one function quantizes each row of x (absmax / 127), a second multiplies
   int8 x int8 into int32 and scales back in its epilogue.
 - static (`linear_q`, `conv2d_q`, `quantize`, `dequantize`): int8 x int8 -> int32 with the
-  requantize (or dequantize) epilogue fused; the conv is Relax's conv2d with `out_dtype=int32`.
+  requantize (or dequantize) epilogue fused; the conv is Relax's conv2d with `out_dtype=int32`,
+  or on the int8 dot-product instructions (int8_dot_kernels.py) where the target has them.
 
 On CUDA the same TE computes go through TVM's default GPU pipeline (dlight's rules). Imported
 lazily by support.py, which registers the converters.
@@ -325,9 +326,37 @@ def _is_pointwise(weight: torch.Tensor, stride, padding, groups) -> bool:
             and groups == 1)
 
 
-def _conv1x1_int8_dot(importer, node: fx.Node):
-    """A pointwise orca.conv2d_q as the int8 dot-product linear kernel on the channels-last
-    pixels (`[B*H*W, Cin]`), transposed back to NCHW; None where no such kernel applies."""
+# node.meta key: True on a conv2d_q whose kernel selection chose Relax's int8 conv ("tvm-plain")
+# over the direct VNNI conv ("tvm"); the converter then emits the plain conv.
+PLAIN_CONV_META = "orca_plain_int8_conv"
+PLAIN_CONV = "tvm-plain"
+
+
+def vnni_conv_applies(node: fx.Node, target) -> bool:
+    """Whether `node` is a conv2d_q that becomes the direct VNNI conv on `target`: 2-d, static
+    shapes, ungrouped, not pointwise (those take the linear kernel directly), on a CPU with VNNI.
+    Grouped and depthwise convs keep Relax's int8 conv."""
+    from . import int8_dot_kernels as dot
+
+    if node.op != "call_function" or node.target is not quant.CONV2D_Q:
+        return False
+    xq, _, qweight, _, _, stride, padding, dilation, groups, *_ = node.args
+    val = xq.meta.get("val") if isinstance(xq, fx.Node) else None
+    weight = qweight.meta.get("val") if isinstance(qweight, fx.Node) else None
+    if val is None or weight is None or val.dim() != 4 or weight.dim() != 4 or groups != 1:
+        return False
+    if _is_pointwise(weight, stride, padding, groups) or not all(isinstance(d, int) for d in val.shape):
+        return False
+    return dot.conv_path(target) == dot.VNNI
+
+
+def _conv_int8_dot(importer, node: fx.Node):
+    """orca.conv2d_q on the int8 dot-product instructions, or None where they do not apply:
+    - pointwise (1x1, stride 1, unpadded, ungrouped): the linear kernel (VNNI or dp4a) on the
+      channels-last pixels (`[B*H*W, Cin]`), transposed back to NCHW;
+    - other ungrouped convs with static shapes on VNNI CPUs: the direct VNNI conv (_vnni_conv),
+      unless the kernel selection chose Relax's conv (PLAIN_CONV_META)."""
+    import tvm
     from tvm import relax as rx
 
     from .int8_dot_kernels import Epilogue
@@ -335,7 +364,11 @@ def _conv1x1_int8_dot(importer, node: fx.Node):
     xq, x_scale, qweight, wscale, bias, stride, padding, dilation, groups, out_scale, activation = node.args
     weight = _const(importer, qweight, "weight")
     shape = list(importer.shape_of(importer.env[xq]))
-    if not _is_pointwise(weight, stride, padding, groups) or len(shape) != 4:
+    if len(shape) != 4 or node.meta.get(PLAIN_CONV_META):
+        return None
+    if vnni_conv_applies(node, tvm.target.Target.current(allow_none=True)):
+        return _vnni_conv(importer, node, weight)
+    if not _is_pointwise(weight, stride, padding, groups):
         return None
     bb = importer.block_builder
     batch, channels, height, width = shape
@@ -353,15 +386,48 @@ def _conv1x1_int8_dot(importer, node: fx.Node):
     return bb.emit(rx.op.permute_dims(nhwc, [0, 3, 1, 2]))
 
 
+def _vnni_conv(importer, node: fx.Node, weight: torch.Tensor):
+    """A non-pointwise orca.conv2d_q as the direct VNNI conv: the int8 input padded and made
+    channels-last (`[B, Hp, Wp, Cp]`, zeros), the kernel's register tiles over output pixels,
+    the weight repacked here, and a transpose back to NCHW."""
+    from tvm import relax as rx
+
+    from . import int8_dot_kernels as dot
+    from .int8_dot_kernels import Epilogue
+
+    xq, x_scale, _, wscale, bias, stride, padding, dilation, _, out_scale, activation = node.args
+    bb = importer.block_builder
+    padded = bb.emit_te(functools.partial(dot.pad_nhwc_te, padding=list(padding)), importer.env[xq],
+                        primfunc_name_hint=kernel_name("orca_pad_nhwc"))
+    batch, height, width, channels = (int(d) for d in importer.shape_of(padded))
+    kernel = tuple(int(d) for d in weight.shape[2:])
+    out_hw = tuple(dot.conv_output_size(size, k, s, 0, d)
+                   for size, k, s, d in zip((height, width), kernel, stride, dilation))
+    out_channels = weight.shape[0]
+    epilogue = Epilogue(x_scale=x_scale, has_bias=bias is not None, out_scale=out_scale, activation=activation)
+    words, compensation = dot.pack_vnni_weight(dot.pack_conv_weight(weight.numpy()))
+    func = bb.add_func(dot.vnni_conv_kernel((batch, height, width, channels), out_hw, kernel, list(stride),
+                                            list(dilation), out_channels, epilogue),
+                       kernel_name("orca_conv2d_q_vnni"))
+    operands = [padded, rx.const(words), rx.const(compensation), rx.const(_const(importer, wscale, "scale").numpy())]
+    if bias is not None:
+        operands.append(importer.env[bias])
+    out = bb.emit(rx.call_tir(func, operands, rx.TensorType([batch * out_hw[0] * out_hw[1], out_channels],
+                                                            epilogue.out_dtype)))
+    nhwc = bb.emit(rx.op.reshape(out, [batch, *out_hw, out_channels]))
+    return bb.emit(rx.op.permute_dims(nhwc, [0, 3, 1, 2]))
+
+
 def convert_conv2d_q(node: fx.Node, importer):
     """orca.conv2d_q -> Relax's conv2d on int8 with int32 output, and the epilogue (fused by
     TVM's FuseOps into the conv's kernel). A pointwise (1x1) conv runs as the int8 dot-product
-    linear kernel instead where the target has one."""
+    linear kernel instead where the target has one, another ungrouped conv as the direct VNNI
+    conv on VNNI CPUs (unless the kernel selection chose this plain conv: PLAIN_CONV_META)."""
     from tvm import relax as rx
 
-    pointwise = _conv1x1_int8_dot(importer, node)
-    if pointwise is not None:
-        return pointwise
+    dot_product = _conv_int8_dot(importer, node)
+    if dot_product is not None:
+        return dot_product
     xq, x_scale, qweight, wscale, bias, stride, padding, dilation, groups, out_scale, activation = node.args
     bb = importer.block_builder
     weight = rx.const(_const(importer, qweight, "weight").numpy())
