@@ -15,12 +15,15 @@ When a partitioned program holds placement ops (orca_compiler/ops/placement.py),
 program is bound (`plan_regions`): the placement ops are one chain that runs in a fixed order, so
 replaying it (allocate at the prefetch, or at the fetch where there is none; free at the release)
 gives regions that never overlap a region still in use, whichever thread copies. Where the chain's
-regions do not fit the capacity (fragmentation), each copy gets its own buffer instead, and
+regions do not fit the capacity (fragmentation, or a wrap-around weight whose slot would have to
+alternate between calls), each copy gets its own page-aligned buffer instead, and
 `stats()["arena"]` says so.
 
 **Reads need no core.** A copy reads the weight's bytes from the file straight into its region:
-the page-multiple part through a second descriptor opened with O_DIRECT (the disk's DMA writes
-the region; no page cache, no kernel memcpy), the tail through the ordinary one (`os.preadv`,
+for a weight of at least DIRECT_MIN_BYTES (a direct read is a real I/O, ~100 us here, where a
+small buffered read is a short memcpy), the whole pages in its middle through a second descriptor
+opened with O_DIRECT (the disk's DMA writes the region; no page cache, no kernel memcpy), the head,
+the tail and small weights through the ordinary one (`os.preadv`,
 which releases the GIL like TVM's calls, so the background thread reads while the main thread
 computes). On 2 cores this is what lets a prefetch overlap compute at all: a buffered read of
 the page cache is a memcpy that takes a core from the kernels. File offsets and regions are
@@ -65,6 +68,10 @@ from .support import register_host_op
 # (512 or 4096 bytes): each weight sits in the file at an offset congruent to its pool region's
 # modulo PAGE, so the page-aligned middle of every region is read directly.
 PAGE = 4096
+# A direct read is a real I/O (about 100 us here, whatever its size up to ~100 KB), where a
+# buffered read of a small weight is a few microseconds of memcpy: only weights from this size
+# read their pages directly. Small weights go through the page cache.
+DIRECT_MIN_BYTES = 256 << 10
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -145,8 +152,10 @@ class WeightPool:
             self.used += nbytes
             self.high_water = max(self.high_water, self.used)
         offset = self._regions.get(key) if self._arena is not None else None
-        if offset is None:
-            return torch.empty(like.shape, dtype=like.dtype)
+        if offset is None:  # a buffer of its own, page-aligned for direct reads
+            raw = torch.empty(_nbytes(like) + PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % PAGE
+            return raw[start:start + _nbytes(like)].view(like.dtype).reshape(like.shape)
         return self._arena[offset:offset + _nbytes(like)].view(like.dtype).reshape(like.shape)
 
     def free(self, tensor: torch.Tensor) -> None:
@@ -227,7 +236,7 @@ class WeightStream:
             return 0
         view = memoryview(into.view(-1).view(torch.uint8).numpy())
         head = tail = len(view)
-        if self._direct_fd is not None and (into.data_ptr() - offset) % PAGE == 0:
+        if self._direct_fd is not None and len(view) >= DIRECT_MIN_BYTES and (into.data_ptr() - offset) % PAGE == 0:
             head = min(-into.data_ptr() % PAGE, len(view))
             tail = head + (len(view) - head) // PAGE * PAGE
         if tail > head:
