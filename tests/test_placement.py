@@ -456,3 +456,26 @@ def test_wrap_around_prefetch_copies_the_first_segment_for_the_next_call():
     assert_outputs_close(expected, compiled(*inputs))
     stream.settle()
     assert stream.pool.used == stream.pending_bytes()
+
+
+def test_switching_read_modes_closes_each_descriptor_once():
+    """set_direct_io reopens the direct descriptor; a stream that is collected closes what it has
+    open then, never a number it closed before (which another file may have been given since)."""
+    import gc
+    import os
+
+    from orca_compiler.lowering.streaming import WeightStream, map_weights
+
+    weights = {"a": torch.randn(100000)}
+    views, path, offsets = map_weights(weights)
+    before = set(os.listdir("/proc/self/fd"))
+    stream = WeightStream(1 << 20, path, {views["a"].data_ptr(): offsets["a"]})
+    for on in (False, True, True, False, True):
+        stream.set_direct_io(on)
+    assert torch.equal(stream.fetch(views["a"], [], 0), weights["a"])
+    other = os.open(path, os.O_RDONLY)  # may get a number the stream used and closed
+    del stream
+    gc.collect()
+    os.fstat(other)  # still open
+    os.close(other)
+    assert set(os.listdir("/proc/self/fd")) <= before | {str(other)}

@@ -203,15 +203,20 @@ class WeightStream:
         self._pending: dict[int, Future] = {}
         self._offsets = offsets or {}
         self._fd = self._direct_fd = None
+        # the descriptors open now, closed with the stream: one finalizer owns them, so a descriptor
+        # closed early (set_direct_io) is never closed again after its number was reused
+        self._open_fds: set[int] = set()
+        weakref.finalize(self, _close_all, self._open_fds)
         if path is not None:
             self._fd = os.open(path, os.O_RDONLY)
-            weakref.finalize(self, os.close, self._fd)
+            self._open_fds.add(self._fd)
             self.set_direct_io(True, path)
 
     def set_direct_io(self, on: bool, path: str | None = None) -> bool:
         """Read through O_DIRECT (on) or the page cache (off); returns whether reads are direct.
         O_DIRECT stays off where the file system refuses it."""
         if self._direct_fd is not None:
+            self._open_fds.discard(self._direct_fd)
             os.close(self._direct_fd)
             self._direct_fd = None
         if on and self._fd is not None and hasattr(os, "O_DIRECT"):
@@ -219,7 +224,7 @@ class WeightStream:
                 self._direct_fd = os.open(path or f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_DIRECT)
             except OSError:
                 return False
-            weakref.finalize(self, _close_quietly, self._direct_fd)
+            self._open_fds.add(self._direct_fd)
         return self._direct_fd is not None
 
     @property
@@ -348,11 +353,13 @@ def _read_all(fd: int, view: memoryview, offset: int) -> None:
         done += got
 
 
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+def _close_all(fds: set[int]) -> None:
+    for fd in list(fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def map_weights(tensors: dict[str, torch.Tensor], residues: dict[str, int] | None = None
