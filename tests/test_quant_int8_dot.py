@@ -8,7 +8,11 @@
   for znver3 (no VNNI), whose code is the plain kernels'; the kernel selection measures the VNNI
   conv against Relax's int8 conv. The code is generated on any machine; running it needs a host
   with avx512_vnni (skipped elsewhere).
-- CUDA __dp4a: the generated CUDA source calls it, and nvcc compiles it for sm_80 when on PATH.
+- CUDA __dp4a: the generated CUDA source calls it, and nvcc compiles it when on PATH.
+- CUDA int8 tensor cores (sm_80+, layers of >= 16 rows and K % 16 == 0): the generated source
+  calls wmma::mma_sync in those layers' kernels and __dp4a in the others, and nvcc compiles it
+  for sm_80 and sm_90a when on PATH. No GPU runs it: the numbers checked on CPU are those of the
+  TE definition the tensor-core schedule is derived from (padding rows and columns included).
 """
 from __future__ import annotations
 
@@ -70,7 +74,14 @@ def test_dot_path_follows_the_target_features():
     assert dot.dot_path(_target(ZNVER3), 64, 64) is None  # AVX2 only: the plain kernel
     assert dot.dot_path(_target({"kind": "llvm"}), 64, 64) is None  # no mcpu: nothing assumed
     assert dot.dot_path(_target(ZNVER4), 66, 64) is None  # K not whole 4-byte words
-    assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_80"}), 64, 64) == dot.DP4A
+    assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_80"}), 64, 64) == dot.DP4A  # rows unknown
+    # CUDA tensor cores: sm_80 and later, from 16 rows, K whole 16-wide wmma steps
+    for arch in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"):
+        assert dot.dot_path(_target({"kind": "cuda", "arch": arch}), 64, 10, rows=16) == dot.MMA
+    assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_80"}), 64, 64, rows=15) == dot.DP4A
+    assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_80"}), 36, 64, rows=64) == dot.DP4A  # K % 16
+    assert dot.dot_path(_target({"kind": "cuda", "arch": "sm_75"}), 64, 64, rows=64) == dot.DP4A
+    assert dot.dot_path(_target(ZNVER4), 64, 64, rows=64) == dot.VNNI
     assert dot.dot_path(None, 64, 64) is None
     # non-pointwise convs: VNNI CPUs only (CUDA keeps Relax's conv for them)
     assert dot.conv_path(_target(ZNVER4)) == dot.VNNI
@@ -92,6 +103,10 @@ def test_weight_packing_layouts():
     assert np.array_equal(dp4a.view(np.int8).reshape(2, 20, 4)[1, 7], weight[7, 4:8])
     with pytest.raises(dot.Int8DotError, match="K % 4"):
         dot.pack_vnni_weight(weight[:, :6])
+    mma = dot.pack_mma_weight(np.concatenate([weight, weight], axis=1))  # K = 16
+    assert mma.shape == (20, 16) and mma.dtype == np.int8 and np.array_equal(mma[19, 8:], weight[19])
+    with pytest.raises(dot.Int8DotError, match="K % 16"):
+        dot.pack_mma_weight(weight)
 
 
 # -- the VNNI kernel's integers -------------------------------------------------------------------
@@ -360,6 +375,30 @@ CUDA_CASES = [("linear", "quantize{mode=dynamic}"), ("linear", "quantize{mode=st
               ("pointwise-conv", "quantize{mode=static}")]
 
 
+def _nvcc_compiles(source: str, arch: str) -> None:
+    """nvcc turns the generated CUDA source into a cubin for `arch` (skipped without nvcc)."""
+    if not shutil.which("nvcc"):
+        return
+    import tvm
+    from tvm.support import nvcc
+
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        assert len(nvcc.compile_cuda(source, target_format="cubin", arch=arch, compiler="nvcc")) > 1000
+
+
+def _cuda_kernels(source: str) -> dict[str, str]:
+    """Kernel name -> its body, for each `__global__` kernel defined in the generated source."""
+    import re
+
+    heads = list(re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^)]*\) \{', source))
+    return {head.group(1): source[head.end():(heads[i + 1].start() if i + 1 < len(heads) else len(source))]
+            for i, head in enumerate(heads)}
+
+
+_DP4A_CALL = "= __dp4a("  # a call site (the source's header also declares __dp4a)
+_MMA_CALL = "nvcuda::wmma::mma_sync("
+
+
 @pytest.mark.parametrize("net,spec", CUDA_CASES, ids=["linear-dynamic", "linear-static", "pointwise-conv-static"])
 def test_cuda_int8_layers_use_dp4a_and_nvcc_compiles_them(net, spec):
     from orca_compiler.lowering.relax_build import cuda_source
@@ -368,15 +407,93 @@ def test_cuda_int8_layers_use_dp4a_and_nvcc_compiles_them(net, spec):
     shape = (4, 32) if net == "linear" else (2, 8, 6, 5)
     inputs = (torch.randn(*shape),)
     calibration = [(torch.randn(*shape),)] if "static" in spec else None
-    compiled = oc.compile(model, inputs, target="cuda", pipeline=f"O1,{spec}", calibration_data=calibration,
-                          cache="off")
+    # sm_75: no tensor-core path, so every layer takes dp4a (on sm_80 the pointwise net's second
+    # 1x1 conv, 60 pixels x K = 16, takes the tensor cores: test_cuda_int8_layers_use_tensor_cores...)
+    compiled = oc.compile(model, inputs, target={"kind": "cuda", "arch": "sm_75"}, pipeline=f"O1,{spec}",
+                          calibration_data=calibration, cache="off")
     assert compiled.report.fallbacks == []
     source = "".join(cuda_source(e) for e in compiled.executables)
     # every int8 linear (3) or pointwise conv (2), for each row a thread accumulates
-    assert source.count("__dp4a(") >= (3 if net == "linear" else 2) * dot.DP4A_ROWS
-    if shutil.which("nvcc"):
-        import tvm
-        from tvm.support import nvcc
+    assert source.count(_DP4A_CALL) >= (3 if net == "linear" else 2) * dot.DP4A_ROWS
+    assert _MMA_CALL not in source
+    _nvcc_compiles(source, "sm_75")
 
-        with tvm.target.Target({"kind": "cuda", "arch": "sm_80"}):
-            assert len(nvcc.compile_cuda(source, target_format="cubin", arch="sm_80", compiler="nvcc")) > 1000
+
+# (net, quantize spec, arch, rows of each int8 layer): 32 and 16 rows take the tensor cores, 4
+# and 15 keep dp4a; the pointwise net's first 1x1 conv has K = 8 (dp4a), its second K = 16.
+TENSOR_CORE_CASES = [("linear", "dynamic", "sm_80", 32), ("linear", "static", "sm_80", 16),
+                     ("linear", "dynamic", "sm_90a", 32), ("linear", "static", "sm_90a", 4),
+                     ("linear", "dynamic", "sm_80", 15), ("pointwise-conv", "static", "sm_80", 60)]
+
+
+@pytest.mark.parametrize("net,mode,arch,rows", TENSOR_CORE_CASES, ids=[f"{n}-{m}-{a}-{r}rows"
+                                                                        for n, m, a, r in TENSOR_CORE_CASES])
+def test_cuda_int8_layers_use_tensor_cores_from_16_rows_and_nvcc_compiles_them(net, mode, arch, rows):
+    from orca_compiler.lowering.relax_build import cuda_source
+
+    if net == "linear":
+        model, shape = _Net().eval(), (rows, 32)
+    else:
+        model, shape = _PointwiseNet().eval(), (rows // 30, 8, 6, 5)
+    inputs = (torch.randn(*shape),)
+    calibration = [(torch.randn(*shape),)] if mode == "static" else None
+    compiled = oc.compile(model, inputs, target={"kind": "cuda", "arch": arch}, pipeline=f"O1,quantize{{mode={mode}}}",
+                          calibration_data=calibration, cache="off")
+    assert compiled.report.fallbacks == []
+    source = "".join(cuda_source(e) for e in compiled.executables)
+    kernels = _cuda_kernels(source)
+    # the path is in the kernel's name (orca_linear_dq_mma_3_kernel), and its body has the instruction
+    mma = {name: body for name, body in kernels.items() if "_mma_" in name}
+    dp4a = {name: body for name, body in kernels.items() if "_dp4a_" in name}
+    if net == "linear":
+        assert (len(mma), len(dp4a)) == ((3, 0) if rows >= dot.MMA_MIN_ROWS else (0, 3))
+    else:
+        assert [name.split("_")[4] for name in sorted(kernels) if "conv2d_q_1x1" in name] == ["dp4a", "mma"]
+    assert all(_MMA_CALL in body and _DP4A_CALL not in body for body in mma.values())
+    assert all(_DP4A_CALL in body and "wmma" not in body for body in dp4a.values())
+    _nvcc_compiles(source, arch)
+
+
+@pytest.mark.parametrize("mode", ["raw", "dynamic", "static-requantize"])
+def test_tensor_core_definition_equals_the_integer_matmul_on_cpu(mode):
+    """The TE int8 matmul + epilogue that the tensor-core kernel is scheduled from, run on CPU
+    for a shape that pads both ways (17 rows: 2 wmma row tiles, 10 columns of 16), against
+    torch; and the scheduled kernel for that shape generates wmma code. (The schedule's own index
+    math cannot run without a GPU.)"""
+    import tvm
+
+    from orca_compiler.lowering.relax_build import cuda_source
+
+    rows, k, n = 17, 48, 10
+    epilogue = {"raw": dot.Epilogue(raw=True), "dynamic": dot.Epilogue(per_row_scale=True, has_bias=True),
+                "static-requantize": dot.Epilogue(x_scale=0.02, out_scale=0.5, activation="relu")}[mode]
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=generator)
+    weight = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator)
+    x[0], weight[0] = -128, -128  # the extremes
+    row_scale, wscale, bias = torch.rand(rows) / 100, torch.rand(n) / 100, torch.randn(n)
+    cpu = tvm.compile(tvm.IRModule({"main": tvm.te.create_prim_func(dot.int8_matmul_te(rows, k, n, epilogue))}),
+                      target=_target(ZNVER3))
+    operands = [x.numpy(), dot.pack_mma_weight(weight.numpy())]
+    acc = (x.long() @ weight.long().T)
+    if mode == "dynamic":
+        operands += [row_scale.numpy(), wscale.numpy(), bias.numpy()]
+        want = acc.float() * (wscale[None, :] * row_scale[:, None]) + bias
+    elif mode == "static-requantize":
+        operands += [wscale.numpy()]
+        want = torch.clamp(torch.round(torch.relu(acc.float() * (wscale * 0.02)) / 0.5), -127, 127)
+    else:
+        want = acc
+    out = tvm.runtime.tensor(np.zeros((rows, n), epilogue.out_dtype))
+    cpu["main"](*(tvm.runtime.tensor(np.ascontiguousarray(o)) for o in operands), out)
+    got = torch.from_numpy(out.numpy())
+    if mode == "raw":
+        assert torch.equal(got.long(), want)
+    elif mode == "dynamic":
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # a float rounding apart can move a value across a .5: at most one step
+        assert (got.float() - want).abs().max() <= 1
+    kernel = dot.mma_linear_kernel(rows, k, n, epilogue, _target({"kind": "cuda", "arch": "sm_80"}))
+    built = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
+                        target=tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"}))
+    assert _MMA_CALL in cuda_source(built)

@@ -21,9 +21,16 @@ by quant_kernels.py for linear_dq, linear_q and conv2d_q).
 - **CUDA `__dp4a`** (cuda targets, linears and pointwise convs only): the same dot of 4 int8
   pairs into an int32, one thread per output column and a few rows; the weight is packed
   `[K/4, N]` int32 so a warp's loads are coalesced.
+- **CUDA int8 tensor cores** (arch >= sm_80, the same layers where M >= 16 and K % 16 == 0):
+  `wmma::mma_sync` on 16x16x16 s8 x s8 -> s32 tiles. The kernel is the TE int8 matmul and its
+  epilogue, scheduled by TVM's own dlight rule (MatmulInt8Tensorization: 128 x 128 block tiles
+  staged in shared memory, the epilogue fused into the store); the weight stays int8 `[N, K]`
+  (the col-major B operand). Rows and columns short of a tile are padded inside the kernel
+  (predicated loads of zeros).
 
 All give exactly the integer accumulators of the plain kernels (quant_kernels.py); the float
 epilogue is the same expression (`quant_kernels._int8_epilogue`), so the float results match too.
+(The CUDA kernels are checked by code generation and nvcc only: no GPU has run them.)
 The kernels are hand-written TIR marked scheduled: our CPU rules and dlight leave them alone.
 `dot_path(target, k, n)` says which kernel (if any) a layer gets, `conv_path(target)` whether
 non-pointwise convs get the VNNI conv. CPUs without VNNI (znver3)
@@ -41,6 +48,7 @@ from ..errors import LoweringError
 
 VNNI = "vnni"
 DP4A = "dp4a"
+MMA = "mma"
 # vpdpbusd: 16 int32 lanes, each the dot of 4 u8 x s8 pairs.
 VNNI_LANES = 16
 # The int32 word of 4 bytes 0x80: xor-ing it into 4 packed int8 values adds 128 to each (-> u8).
@@ -52,6 +60,13 @@ PARALLEL_MIN_MACS = 1 << 24
 # CUDA: threads a block (over output columns) and rows each thread accumulates.
 DP4A_THREADS = 128
 DP4A_ROWS = 4
+# CUDA tensor cores: the first arch we serve with them (Ampere; Turing's int8 wmma exists but
+# is not targeted), the rows from which they are used (one whole 16-row wmma tile; the rule's
+# block tile is 128 rows, so below 128 rows part of a block multiplies padding: not measured,
+# no GPU here), and the K step of the 16x16x16 wmma tile (K % MMA_K == 0: no partial K tile).
+MMA_MIN_ARCH = 80
+MMA_MIN_ROWS = 16
+MMA_K = 16
 
 
 class Int8DotError(LoweringError):
@@ -133,13 +148,25 @@ def conv_path(target) -> str | None:
     return VNNI if dot_path(target, 4, VNNI_LANES) == VNNI else None
 
 
-def dot_path(target, k: int, n: int) -> str | None:
-    """The dot-product kernel for an int8 linear with `k` input and `n` output columns on
-    `target`: VNNI, DP4A, or None (the plain TE kernel). Needs `k % 4 == 0` (one 32-bit word of
-    x a step); any `n`."""
+def cuda_arch(target) -> int | None:
+    """The SM version of a cuda `target` ("sm_80" -> 80, "sm_90a" -> 90), None if it has none."""
+    import re
+
+    match = re.fullmatch(r"sm_(\d+)[a-z]?", str(target.attrs.get("arch", "")))
+    return int(match.group(1)) if match else None
+
+
+def dot_path(target, k: int, n: int, rows: int | None = None) -> str | None:
+    """The dot-product kernel for an int8 linear with `k` input and `n` output columns (and
+    `rows` rows, None if not known at compile time) on `target`: VNNI, MMA (CUDA tensor cores:
+    arch >= sm_80, rows >= 16, k % 16 == 0), DP4A (other CUDA layers), or None (the plain TE
+    kernel). Needs `k % 4 == 0` (one 32-bit word of x a step); any `n`."""
     if _disabled or target is None or k % 4:
         return None
     if target.kind.name == "cuda":
+        arch = cuda_arch(target)
+        if arch is not None and arch >= MMA_MIN_ARCH and rows is not None and rows >= MMA_MIN_ROWS and k % MMA_K == 0:
+            return MMA
         return DP4A
     if target_has_vnni(target):
         return VNNI
@@ -167,6 +194,15 @@ def pack_vnni_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     words = np.ascontiguousarray(packed).view("<i4").reshape(cols // VNNI_LANES, k // 4, VNNI_LANES)
     compensation = (-128 * w.astype(np.int32).sum(axis=1)).astype(np.int32)
     return words, compensation
+
+
+def pack_mma_weight(weight: np.ndarray) -> np.ndarray:
+    """int8 weight `[N, K]` as the tensor-core kernel reads it: unchanged, contiguous. Row n is
+    column n of the wmma B operand (col-major), so each 16x16 tile is 16 runs of 16 bytes."""
+    n, k = weight.shape
+    if k % MMA_K:
+        raise Int8DotError(f"the tensor-core kernel needs K % {MMA_K} == 0, got K={k}")
+    return np.ascontiguousarray(weight, dtype=np.int8)
 
 
 def pack_dp4a_weight(weight: np.ndarray) -> np.ndarray:
@@ -491,3 +527,67 @@ def dp4a_linear_kernel(rows: int | None, k: int, n: int, epilogue: Epilogue):
                                         with T.Then():
                                             T.buffer_store(out, finish(acc[r], row, col), [row, col])
     return builder.get()
+
+
+# -- CUDA: int8 tensor cores (wmma) -----------------------------------------------------------------
+
+def int8_matmul_te(rows, k: int, n: int, epilogue: Epilogue):
+    """The TE definition the tensor-core kernel is scheduled from: placeholders `(x int8 [M, K],
+    w int8 [N, K], <epilogue operands>)`, the int32 accumulator `x @ w.T` and the epilogue.
+    Returns the PrimFunc's argument list (the output last). Also runs as a plain kernel on CPU."""
+    from tvm import te
+
+    x = te.placeholder((rows, k), "int8", name="x")
+    w = te.placeholder((n, k), "int8", name="w")
+    buffers = {}
+    if not epilogue.raw:
+        if epilogue.per_row_scale:
+            buffers["row_scale"] = te.placeholder((rows,), "float32", name="row_scale")
+        buffers["wscale"] = te.placeholder((n,), "float32", name="wscale")
+        if epilogue.has_bias:
+            buffers["bias"] = te.placeholder((n,), "float32", name="bias")
+    r = te.reduce_axis((0, k), "k")
+    acc = te.compute((rows, n), lambda i, j: te.sum(x[i, r].astype("int32") * w[j, r].astype("int32"), axis=r),
+                     name="acc")
+    finish = _epilogue_fn(epilogue, buffers)
+    out = te.compute((rows, n), lambda i, j: finish(acc[i, j], i, j), name="out")
+    return [x, w, *buffers.values(), out]
+
+
+def mma_linear_kernel(rows: int, k: int, n: int, epilogue: Epilogue, target):
+    """The PrimFunc `(x int8 [M, K], w int8 [N, K], <epilogue operands>, out [M, N])` for CUDA
+    arch >= sm_80: int8_matmul_te scheduled by dlight's MatmulInt8Tensorization (wmma 16x16x16
+    s8s8s32 tiles, the epilogue fused into the store), marked scheduled. Assumes K % 16 == 0."""
+    import tvm
+    from tvm.s_tir import dlight
+
+    from . import _fast_inspect
+
+    if k % MMA_K:
+        raise Int8DotError(f"the tensor-core kernel needs K % {MMA_K} == 0, got K={k}")
+    # The rule imports tvm.s_tir.tensor_intrin: ~500 TVMScript prim_funcs, 25-36 s with the
+    # stdlib inspect.stack, a few seconds with ours.
+    _fast_inspect.install()
+    func = tvm.te.create_prim_func(int8_matmul_te(rows, k, n, epilogue))
+    sch = dlight.gpu.matmul.MatmulInt8Tensorization().apply(func, target, False)
+    if sch is None:
+        raise Int8DotError(f"dlight's int8 tensor-core rule did not apply to a {rows}x{k}x{n} int8 matmul")
+    _drop_software_pipeline(sch)
+    scheduled = sch.mod["main"].without_attr("global_symbol")  # private, as the other kernels: add_func names it
+    return scheduled.with_attr("tir.noalias", True).with_attr("tirx.is_scheduled", True)
+
+
+def _drop_software_pipeline(sch) -> None:
+    """Remove the rule's software-pipeline annotations: TVM 0.27's InjectSoftwarePipeline fails
+    on the wmma fragments the rule creates ("Check failed: (it != fragment_info_.end())" in
+    GetWmmaFragmentSize), so the K loop runs unpipelined."""
+    pending = [sch.get_sblock("root")]
+    while pending:
+        block = pending.pop()
+        children = sch.get_child_blocks(block)
+        pending.extend(children)
+        for child in children:
+            for loop in sch.get_loops(child):
+                for key in list(sch.get(loop).annotations.keys()):
+                    if key.startswith("software_pipeline"):
+                        sch.unannotate(loop, key)

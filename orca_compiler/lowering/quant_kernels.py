@@ -231,7 +231,7 @@ def _int8_weight(importer, qweight: fx.Node):
 def _emit_int8_dot(importer, base: str, xq, weight: torch.Tensor, scale_operands: list, epilogue):
     """The int8 matmul `xq [M, K] x weight.T` (weight: int8 `[N, K]`) with `epilogue` (an
     int8_dot_kernels.Epilogue) as a call of a hardware dot-product kernel (VNNI on CPUs that
-    have it, dp4a on CUDA), its weight repacked here; None where the current target has none for
+    have it, on CUDA tensor cores or dp4a), its weight repacked here; None where the current target has none for
     this shape (the plain kernel then runs). `scale_operands`: the epilogue's Relax operands
     (row scales, weight scales, bias) in the kernel's order."""
     import tvm
@@ -240,15 +240,19 @@ def _emit_int8_dot(importer, base: str, xq, weight: torch.Tensor, scale_operands
     from . import int8_dot_kernels as dot
 
     n, k = weight.shape
-    path = dot.dot_path(tvm.target.Target.current(allow_none=True), k, n)
-    if path is None:
-        return None
+    target = tvm.target.Target.current(allow_none=True)
     rows_dim = importer.shape_of(xq)[0]
     rows = int(rows_dim) if isinstance(rows_dim, (int, tvm.tirx.IntImm)) else None
+    path = dot.dot_path(target, k, n, rows)
+    if path is None:
+        return None
     if path == dot.VNNI:
         words, compensation = dot.pack_vnni_weight(weight.numpy())
         kernel = dot.vnni_linear_kernel(rows, k, n, epilogue)
         weights = [rx.const(words), rx.const(compensation)]
+    elif path == dot.MMA:
+        kernel = dot.mma_linear_kernel(rows, k, n, epilogue, target)
+        weights = [rx.const(dot.pack_mma_weight(weight.numpy()))]
     else:
         kernel = dot.dp4a_linear_kernel(rows, k, n, epilogue)
         weights = [rx.const(dot.pack_dp4a_weight(weight.numpy()))]
@@ -352,7 +356,7 @@ def vnni_conv_applies(node: fx.Node, target) -> bool:
 
 def _conv_int8_dot(importer, node: fx.Node):
     """orca.conv2d_q on the int8 dot-product instructions, or None where they do not apply:
-    - pointwise (1x1, stride 1, unpadded, ungrouped): the linear kernel (VNNI or dp4a) on the
+    - pointwise (1x1, stride 1, unpadded, ungrouped): the linear kernel (VNNI, mma or dp4a) on the
       channels-last pixels (`[B*H*W, Cin]`), transposed back to NCHW;
     - other ungrouped convs with static shapes on VNNI CPUs: the direct VNNI conv (_vnni_conv),
       unless the kernel selection chose Relax's conv (PLAIN_CONV_META)."""
