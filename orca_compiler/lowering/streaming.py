@@ -25,9 +25,9 @@ small buffered read is a short memcpy), the whole pages in its middle through a 
 opened with O_DIRECT (the disk's DMA writes the region; no page cache, no kernel memcpy), the head,
 the tail and small weights through the ordinary one (`os.preadv`,
 which releases the GIL like TVM's calls, so the background thread reads while the main thread
-computes). On 2 cores this is what lets a prefetch overlap compute at all: a buffered read of
-the page cache is a memcpy that takes a core from the kernels. File offsets and regions are
-page-aligned for that. Where the file system refuses O_DIRECT (tmpfs), or after
+computes). On 2 cores this matters: a buffered read of the page cache is a memcpy that takes a
+core from the kernels (a disk read still costs the kernels some time on a VM: docs/placement.md
+measures it). File offsets and regions are page-aligned for that. Where the file system refuses O_DIRECT (tmpfs), or after
 `set_direct_io(False)`, every read is buffered; then `evict()` (posix_fadvise) drops the file
 from the page cache, which is how the benchmark measures buffered reads from the disk itself.
 The stream times its copies (`copy_seconds`, on whichever thread) and how long the main thread
