@@ -468,14 +468,15 @@ def test_switching_read_modes_closes_each_descriptor_once():
 
     weights = {"a": torch.randn(100000)}
     views, path, offsets = map_weights(weights)
-    before = set(os.listdir("/proc/self/fd"))
     stream = WeightStream(1 << 20, path, {views["a"].data_ptr(): offsets["a"]})
     for on in (False, True, True, False, True):
         stream.set_direct_io(on)
     assert torch.equal(stream.fetch(views["a"], [], 0), weights["a"])
+    owned = stream._open_fds
+    assert len(owned) == 1 + stream.direct_io  # the buffered and the current direct descriptor, no earlier one
     other = os.open(path, os.O_RDONLY)  # may get a number the stream used and closed
     del stream
     gc.collect()
-    os.fstat(other)  # still open
+    assert not owned  # the finalizer closed what was open
+    os.fstat(other)  # still open: nothing closed a number the stream had given back
     os.close(other)
-    assert set(os.listdir("/proc/self/fd")) <= before | {str(other)}
