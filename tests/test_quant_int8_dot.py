@@ -497,3 +497,21 @@ def test_tensor_core_definition_equals_the_integer_matmul_on_cpu(mode):
     built = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
                         target=tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"}))
     assert _MMA_CALL in cuda_source(built)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_cuda_plain_int8_matmul_builds_where_k_rules_out_the_dot_paths(mode):
+    """K = 130 (not a multiple of 4: neither dp4a nor tensor cores) at 128 x 128: the plain int8
+    matmul is kept away from dlight's int8 tensor-core rule, whose schedule TVM 0.27 fails to build
+    (InjectSoftwarePipeline), so the layer compiles for CUDA instead of falling back to torch."""
+    from orca_compiler.lowering.relax_build import cuda_source
+
+    model = torch.nn.Sequential(torch.nn.Linear(130, 128), torch.nn.ReLU()).eval()
+    shape = (128, 130)
+    calibration = [(torch.randn(*shape),)] if mode == "static" else None
+    compiled = oc.compile(model, (torch.randn(*shape),), target={"kind": "cuda", "arch": "sm_80"},
+                          pipeline=f"O1,quantize{{mode={mode}}}", calibration_data=calibration, cache="off")
+    assert compiled.report.fallbacks == []
+    source = "".join(cuda_source(e) for e in compiled.executables)
+    assert _MMA_CALL not in source and _DP4A_CALL not in source
+    _nvcc_compiles(source, "sm_80")

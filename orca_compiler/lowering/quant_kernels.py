@@ -284,8 +284,26 @@ def convert_linear_dq(node: fx.Node, importer):
         weight, _ = _int8_weight(importer, qweight)
         out = bb.emit_te(functools.partial(_int8_matmul_te, per_row_scale=True, has_bias=bias is not None,
                                            out_scale=0.0, activation="none"),
-                         xq, weight, *scales, primfunc_name_hint=kernel_name("orca_linear_dq"))
+                         xq, weight, *scales, primfunc_name_hint=kernel_name("orca_linear_dq"),
+                         primfunc_attrs=_plain_int8_matmul_attrs())
     return _restore_rows(importer, out, lead, _const(importer, qweight, "weight").shape[0])
+
+
+# The plain int8 matmul on CUDA (no dot-product path: K % 4 != 0, or a CPU without VNNI) must not be handed
+# to dlight's int8 tensor-core rule on CUDA: from 64 rows/columns its Matmul rule does so, and TVM
+# 0.27's InjectSoftwarePipeline then fails on the rule's schedule (GetWmmaFragmentSize), so the
+# whole partition fell back to torch. Layers that suit tensor cores take int8_dot_kernels' path.
+# The kernel is opaque to FuseOps (op_pattern 8, kOpaque), since a fused function would not keep the
+# attribute; its epilogue (scales, bias, activation) is inside it already. CPU builds keep fusion.
+_CUDA_PLAIN_INT8_MATMUL_ATTRS = {"dlight.do_not_tensorize": True, "op_pattern": 8}
+
+
+def _plain_int8_matmul_attrs() -> dict:
+    """PrimFunc attributes of the plain int8 matmul for the current target (see above)."""
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    return dict(_CUDA_PLAIN_INT8_MATMUL_ATTRS) if target is not None and target.kind.name == "cuda" else {}
 
 
 def convert_linear_q(node: fx.Node, importer):
@@ -308,7 +326,7 @@ def convert_linear_q(node: fx.Node, importer):
         out = importer.block_builder.emit_te(
             functools.partial(_int8_matmul_te, x_scale=x_scale, per_row_scale=False, has_bias=bias is not None,
                               out_scale=out_scale, activation=activation), flat, weight, *scales,
-            primfunc_name_hint=kernel_name("orca_linear_q"))
+            primfunc_name_hint=kernel_name("orca_linear_q"), primfunc_attrs=_plain_int8_matmul_attrs())
     return _restore_rows(importer, out, lead, _const(importer, qweight, "weight").shape[0])
 
 
