@@ -131,11 +131,13 @@ def _sparse_sentence(choice) -> str:
 
 def _quant_sentence(choice) -> str:
     """`%node -> kernel (...)` for one KernelChoice of a quantized op: integer or float32, and why."""
+    from .lowering.extern import is_tvm_kernel
+
     head = f"%{choice.node} ({choice.op}) -> {choice.choice}"
     # "tvm" and its variants (an int8 conv: "tvm" the VNNI conv, "tvm-plain" Relax's int8 conv)
-    integers = {k: v for k, v in choice.times_us.items() if k.startswith("tvm")}
+    integers = {k: v for k, v in choice.times_us.items() if is_tvm_kernel(k)}
     integer = min(integers.values(), default=None)
-    floats = {k: v for k, v in choice.times_us.items() if not k.startswith("tvm")}
+    floats = {k: v for k, v in choice.times_us.items() if not is_tvm_kernel(k)}
     best_float = min(floats, key=floats.get) if floats else None
     versus = (f"integer {integer:.1f}us vs float32 {best_float} {floats[best_float]:.1f}us"
               if integer is not None and best_float else "")

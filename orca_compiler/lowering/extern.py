@@ -383,13 +383,19 @@ def impl_named(name: str) -> ExternImpl:
 SPARSE_KERNELS = frozenset({"torch"})
 
 
+def is_tvm_kernel(name: str) -> bool:
+    """Whether kernel choice `name` is TVM's: "tvm", or a variant of it that the converters emit
+    on request ("tvm-plain": an int8 conv on Relax's conv2d instead of the VNNI conv)."""
+    return name == "tvm" or name.startswith("tvm-")
+
+
 def kernel_layout(op: str, choice: str) -> str:
     """For an op with a sparse weight (by printed name, e.g. "orca.sparse_linear"): "sparse" if
     kernel `choice` runs on the sparse weight, "dense" if on the re-densified one. For a quantized
     op: "integer" if the chosen kernel computes on the integer weights (our TVM kernel), "float32"
     if it runs on dequantized ones. "" for other ops."""
     if op in quant_ops.QUANT_OP_NAMES:
-        return "integer" if choice.startswith("tvm") else "float32"  # "tvm" and its variants ("tvm-plain")
+        return "integer" if is_tvm_kernel(choice) else "float32"
     if op not in sparse_ops.SPARSE_OP_NAMES:
         return ""
     return "sparse" if choice in SPARSE_KERNELS else "dense"

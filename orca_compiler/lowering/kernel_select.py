@@ -22,7 +22,7 @@ from ..errors import LoweringError, OrcaError
 from ..ir import GraphIR, sanitize_name
 from ..printer import op_name
 from ..timing import time_interleaved
-from .extern import bind_extern, extern_impls_for, impl_named, kernel_layout
+from .extern import bind_extern, extern_impls_for, impl_named, is_tvm_kernel, kernel_layout
 from .quant_kernels import PLAIN_CONV, PLAIN_CONV_META, vnni_conv_applies
 from .selection_cache import SelectionCache
 from .support import tvm_converts
@@ -90,10 +90,8 @@ def selection_key(node: fx.Node) -> str:
     return f"{op_name(node)}{args!r}{kwargs!r}"
 
 
-# TVM candidates besides "tvm": an int8 conv that becomes the direct VNNI conv ("tvm") is also
-# measured as Relax's plain int8 conv ("tvm-plain"), and the faster kept.
-TVM_VARIANTS = (PLAIN_CONV,)
-TVM_KERNELS = frozenset({"tvm", *TVM_VARIANTS})
+# TVM candidates besides "tvm" (extern.is_tvm_kernel): an int8 conv that becomes the direct VNNI
+# conv ("tvm") is also measured as Relax's plain int8 conv ("tvm-plain"), and the faster kept.
 
 
 def candidates(node: fx.Node, target: ResolvedTarget | None = None) -> list[str]:
@@ -271,7 +269,7 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
         for name in candidates(node, target):
             externs = None
             copy.meta.update(import_meta(name))
-            if name not in TVM_KERNELS:
+            if not is_tvm_kernel(name):
                 call = bind_extern(copy, probe, impl_named(name))
                 keep_alive.append(call)
                 externs = {copy.name: call}
@@ -300,7 +298,7 @@ def measure(ir: GraphIR, target: ResolvedTarget, nodes: dict[str, fx.Node], data
     except Exception as exc:  # one TVM candidate that does not build must not sink the others
         reason = f"TVM build failed: {tvm_error_summary(exc)}"
         log.info("kernel selection: %s; measuring the extern kernels only", reason)
-        for key, name in [k for k in functions if k[1] in TVM_KERNELS]:
+        for key, name in [k for k in functions if is_tvm_kernel(k[1])]:
             rejected[key][name] = reason
             del functions[(key, name)]
         vm = build(functions)

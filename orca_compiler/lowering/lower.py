@@ -14,8 +14,8 @@ from ..errors import LoweringError, UnsupportedOpError
 from ..ir import GraphIR
 from ..printer import op_name
 from ..runtime import TVMGraphModule
-from .extern import bind_extern, impl_named
-from .kernel_select import MEASURE, TVM_KERNELS, KernelChoice, import_meta, select_kernels
+from .extern import bind_extern, impl_named, is_tvm_kernel
+from .kernel_select import MEASURE, KernelChoice, import_meta, select_kernels
 from .relax_build import build_executable
 from .support import bind_host_ops, is_host_op, unsupported_reason
 from .target import ResolvedTarget, resolve_target
@@ -136,8 +136,8 @@ def _extern_alternative(choices: dict[str, KernelChoice]) -> dict[str, KernelCho
     """
     swapped = {}
     for name, choice in choices.items():
-        externs = {k: v for k, v in choice.times_us.items() if k not in TVM_KERNELS}
-        if choice.choice in TVM_KERNELS and externs:
+        externs = {k: v for k, v in choice.times_us.items() if not is_tvm_kernel(k)}
+        if is_tvm_kernel(choice.choice) and externs:
             best = min(externs, key=externs.get)
             swapped[name] = KernelChoice(choice.node, choice.op, best, "whole-program check",
                                          choice.times_us, choice.rejected)
@@ -160,7 +160,7 @@ def _faster_program(ir: GraphIR, target: ResolvedTarget, *candidates):
 def _lower_with(ir: GraphIR, resolved: ResolvedTarget, choices: dict, fullgraph: bool, tuning_db) -> LoweredProgram:
     nodes = {node.name: node for node in ir.compute_nodes()}
     externs = {name: bind_extern(nodes[name], ir.gm, impl_named(c.choice))
-               for name, c in choices.items() if c.choice not in TVM_KERNELS}
+               for name, c in choices.items() if not is_tvm_kernel(c.choice)}
     for name, c in choices.items():  # which TVM variant the converters emit (also reset: lowered twice)
         nodes[name].meta.update(import_meta(c.choice))
     rejected: dict[str, str] = {}  # node name -> why TVM's converter failed on it
