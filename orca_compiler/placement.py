@@ -306,17 +306,27 @@ def _overlapping_bytes(weights: list[WeightUse], start: int, end: int) -> int:
     return sum(w.footprint for w in weights if w.first <= end and w.last >= start)
 
 
-def segments(streamed: list[WeightUse], steps: int, capacity: int) -> list[tuple[int, int]]:
+def segments(streamed: list[WeightUse], steps: int, capacity: int, cuts: frozenset[int] = frozenset()
+             ) -> list[tuple[int, int]]:
     """Cut steps 0..steps-1 into runs [first, last], each as long as the streamed weights read in
-    it (and those live across it) fit `capacity` bytes; a run is at least one step long."""
+    it (and those live across it) fit `capacity` bytes, and a new run at every step of `cuts`; a
+    run is at least one step long."""
     runs, start = [], 0
     while start < steps:
         end = start
-        while end + 1 < steps and _overlapping_bytes(streamed, start, end + 1) <= capacity:
+        while end + 1 < steps and end + 1 not in cuts and _overlapping_bytes(streamed, start, end + 1) <= capacity:
             end += 1
         runs.append((start, end))
         start = end + 1
     return runs
+
+
+def first_use_cuts(streamed: list[WeightUse]) -> frozenset[int]:
+    """The steps where a streamed weight is first read. Runs cut there (and only there) hold the
+    weights live at their first step, which fit the pool whenever each step's working set does, and
+    each weight can then be prefetched behind the compute of every run before its own: the finest
+    segmentation prefetching can use (each cut costs SEGMENT_OVERHEAD)."""
+    return frozenset(w.first for w in streamed)
 
 
 def _segment_of(runs: list[tuple[int, int]], step: int) -> tuple[int, int]:
@@ -369,12 +379,24 @@ def _wrap_around_steps(plan: Placement, at: dict[str, int]) -> dict[str, int]:
 
 
 def _timeline(plan: Placement, bandwidth: float) -> float:
-    """Seconds of one call (in steady state, one call after another): ops one after another;
-    prefetched copies one at a time beside them, the others on the main thread at their fetch; a
-    wrap-around copy waited for only by what the previous call's tail did not hide; plus the fixed
-    costs of each streamed weight and of each cut between segments."""
+    """Seconds of one call (in steady state, one call after another): see `stalls`."""
+    return _replay(plan, bandwidth)[0]
+
+
+def stalls(plan: Placement, bandwidth: float) -> dict[str, float]:
+    """Seconds the main thread waits at each streamed weight's fetch (copying it itself where it
+    was not prefetched), in the plan's timeline at `bandwidth` bytes/s."""
+    return _replay(plan, bandwidth)[1]
+
+
+def _replay(plan: Placement, bandwidth: float) -> tuple[float, dict[str, float]]:
+    """(seconds of one call, the wait at each fetch): ops one after another; prefetched copies one
+    at a time beside them, the others on the main thread at their fetch; a wrap-around copy waited
+    for only by what the previous call's tail did not hide; plus the fixed costs of each streamed
+    weight and of each cut between segments."""
     clock = 0.0
     copies_free = 0.0
+    waits: dict[str, float] = {}
     sizes = {w.name: w.nbytes for w in plan.streamed}
     wrapped = set(plan.wrapped)
     ready = {name: max(0.0, sizes[name] / bandwidth - sum(plan.op_seconds[plan.prefetch_at[name]:]))
@@ -386,9 +408,10 @@ def _timeline(plan: Placement, bandwidth: float) -> float:
             ready[name] = copies_free
         for w in plan.streamed:
             if plan.fetch_at[w.name] == step:
-                clock = max(clock, ready[w.name]) if w.name in ready else clock + w.nbytes / bandwidth
+                done = max(clock, ready[w.name]) if w.name in ready else clock + w.nbytes / bandwidth
+                waits[w.name], clock = done - clock, done
         clock += seconds
-    return clock + COPY_OVERHEAD * len(plan.streamed) + SEGMENT_OVERHEAD * len(plan.segments)
+    return clock + COPY_OVERHEAD * len(plan.streamed) + SEGMENT_OVERHEAD * len(plan.segments), waits
 
 
 def _choose_streamed(weights: list[WeightUse], steps: int, budget: int, ops: list[float], slow: float,
@@ -412,12 +435,15 @@ def _choose_streamed(weights: list[WeightUse], steps: int, budget: int, ops: lis
     return sorted(streamed, key=lambda w: (w.first, w.name)), resident_bytes
 
 
-def _streaming_plan(base: Placement, steps: int, slow: float, double: bool, prefetch: bool) -> Placement:
-    """`base` with its streamed weights, segments, fetches, releases and prefetches filled in."""
+def _streaming_plan(base: Placement, steps: int, slow: float, double: bool, prefetch: bool,
+                    fine: bool = False) -> Placement:
+    """`base` with its streamed weights, segments, fetches, releases and prefetches filled in;
+    `fine`: a segment at every first use of a streamed weight (first_use_cuts)."""
     plan = dataclasses.replace(base)
     plan.streamed, resident_bytes = _choose_streamed(plan.weights, steps, plan.budget, plan.op_seconds, slow, double)
     plan.pool_bytes = plan.budget - resident_bytes
-    plan.segments = segments(plan.streamed, steps, plan.pool_bytes // 2 if double else plan.pool_bytes)
+    plan.segments = segments(plan.streamed, steps, plan.pool_bytes // 2 if double else plan.pool_bytes,
+                             first_use_cuts(plan.streamed) if fine else frozenset())
     plan.fetch_at = {w.name: _segment_of(plan.segments, w.first)[0] for w in plan.streamed}
     plan.release_after = {w.name: _segment_of(plan.segments, w.last)[1] for w in plan.streamed}
     plan.prefetch_at = _prefetch_steps(plan) if prefetch else {}
@@ -453,9 +479,13 @@ def plan_placement(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "p
     if policy != "prefetch":
         return _streaming_plan(plan, steps, slow, double=False, prefetch=False)
     # prefetch where it pays: double-buffered segments (fewer resident weights), or single ones
-    # with prefetches only where the pool has room; whichever the estimate says is faster
+    # with prefetches only where the pool has room; long segments (few cuts) or one per first use
+    # of a streamed weight (each prefetched behind all the compute before it); whichever the
+    # estimate says is faster
     pinned = sum(w.nbytes for w in weights if not w.streamable)
-    options = [_streaming_plan(plan, steps, slow, double=False, prefetch=True)]
+    doubles = [False]
     if pinned + double_buffered_set([w for w in weights if w.streamable], steps) <= budget:
-        options.append(_streaming_plan(plan, steps, slow, double=True, prefetch=True))
+        doubles.append(True)
+    options = [_streaming_plan(plan, steps, slow, double=double, prefetch=True, fine=fine)
+               for double in doubles for fine in (False, True)]
     return min(options, key=lambda p: p.estimated_seconds)

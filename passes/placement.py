@@ -278,6 +278,49 @@ def lowest_split_budget(ir: GraphIR, budget: int) -> int:
     return high
 
 
+def _named(ir: GraphIR, name: str) -> fx.Node:
+    return next(n for n in ir.graph.nodes if n.name == name)
+
+
+def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placement, tries: int = 8
+                      ) -> tuple[GraphIR, Placement, int]:
+    """Pipeline the copies that nothing hides: where the main thread waits for a streamed weight
+    (the first layer's, which no compute precedes, or one the pool had no room to prefetch), split
+    its layer into 2, 4 or 8 blocks, so that the first block's copy is all that waits and each
+    next block's is prefetched behind the blocks before it. A split is kept only where the plan's
+    estimate (which counts COPY_OVERHEAD per block and SEGMENT_OVERHEAD per cut) drops by more
+    than 2%; the largest wait is tried first, at most `tries` times. Returns the IR (a split copy
+    of `ir`, or `ir` itself), its plan and how many layers were split."""
+    from orca_compiler.placement import stalls
+
+    split, refused = 0, set()
+    for _ in range(tries):
+        waits = stalls(plan, plan.tiers[-1].bandwidth)
+        candidates = [(seconds, name) for name, seconds in waits.items()
+                      if seconds > 0 and name not in refused and not isinstance(splittable(_named(ir, name)), str)]
+        if not candidates:
+            break
+        _, name = max(candidates)
+        best = None
+        for blocks in (2, 4, 8):
+            trial = ir.copy()
+            op, rule = splittable(_named(trial, name))
+            if trial.weight(_named(trial, name)).shape[rule.weight_dim] < blocks:
+                break
+            split_op(trial, op, rule, blocks)
+            try:
+                trial_plan = plan_for(trial, options)
+            except PassInputError:
+                continue
+            if best is None or trial_plan.estimated_seconds < best[1].estimated_seconds:
+                best = (trial, trial_plan)
+        if best is None or best[1].estimated_seconds >= 0.98 * plan.estimated_seconds:
+            refused.add(name)
+            continue
+        (ir, plan), split = best, split + 1
+    return ir, plan, split
+
+
 @dataclass
 class PlaceMemoryOptions:
     """budget: the fast tier's bytes for weights (bytes, 512K / 2M, or a percentage of the
@@ -393,7 +436,10 @@ class PlaceMemory(Pass):
                     message = message.replace(found.group(0), "") + (
                         f"; splitting layers, the minimum feasible budget is {lowest} bytes ({lowest:,})")
             raise PassInputError(message) from exc
-        stats = {"split": split, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
+        pipelined = 0
+        if plan.streamed and self.options.split and self.options.policy == "prefetch":
+            ir, plan, pipelined = split_for_overlap(ir, self.options, plan)
+        stats = {"split": split, "pipelined": pipelined, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
                  "pool_bytes": plan.pool_bytes, "bytes_moved": plan.bytes_moved, "min_budget": plan.min_budget,
                  "segments": len(plan.segments), "prefetched": len(plan.prefetch_at), "wrapped": len(plan.wrapped),
                  # the roofline estimate of the copies' time not hidden behind compute, per call
