@@ -144,28 +144,42 @@ def live_bytes_by_step(lives: list[TensorLife], steps: int) -> list[int]:
     return totals
 
 
+def place_by_size(sizes: dict, lives: dict, alignment: int = ALIGNMENT) -> dict:
+    """Offsets in one arena for buffers of `sizes[key]` bytes, each alive during the closed
+    intervals `lives[key]` ([(first, last), ...]; one or more): greedy by size (largest first,
+    earliest first on ties), each at the lowest `alignment`-aligned offset where it overlaps no
+    buffer placed before it whose life overlaps its own. The arena's size is the largest
+    offset + aligned size."""
+    def overlaps(a, b) -> bool:
+        return any(f1 <= l2 and f2 <= l1 for f1, l1 in lives[a] for f2, l2 in lives[b])
+
+    offsets: dict = {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], min(f for f, _ in lives[k]))):
+        size = _aligned(sizes[key], alignment)
+        busy = sorted((offsets[o], offsets[o] + _aligned(sizes[o], alignment)) for o in offsets if overlaps(key, o))
+        offset = 0
+        for lo, hi in busy:
+            if offset + size <= lo:
+                break
+            offset = max(offset, hi)
+        offsets[key] = offset
+    return offsets
+
+
 def plan_activations(ir: GraphIR, alignment: int = ALIGNMENT, reuse: bool = True) -> MemoryPlan:
-    """Place every activation in one arena (greedy by size; `reuse=False`: one slot each)."""
+    """Place every activation in one arena (greedy by size, place_by_size; `reuse=False`: one
+    slot each)."""
     lives = [t for t in liveness(ir) if t.kind == "activation"]
     steps = len(ir.compute_nodes())
-    offsets: dict[str, int] = {}
-    placed: list[tuple[TensorLife, int, int]] = []  # (life, offset, aligned size)
-    no_reuse = 0
-    for t in sorted(lives, key=lambda t: (-t.nbytes, t.first)):
-        size = _aligned(t.nbytes, alignment)
-        if not reuse:
-            offsets[t.name] = no_reuse
-        else:
-            busy = sorted((off, off + sz) for other, off, sz in placed if other.overlaps(t))
-            offset = 0
-            for lo, hi in busy:
-                if offset + size <= lo:
-                    break
-                offset = max(offset, hi)
-            offsets[t.name] = offset
-        placed.append((t, offsets[t.name], size))
-        no_reuse += size
-    peak = max((off + sz for _, off, sz in placed), default=0)
+    if reuse:
+        offsets = place_by_size({t.name: t.nbytes for t in lives}, {t.name: [(t.first, t.last)] for t in lives}, alignment)
+    else:
+        starts = [0]
+        for t in lives:
+            starts.append(starts[-1] + _aligned(t.nbytes, alignment))
+        offsets = {t.name: start for t, start in zip(lives, starts)}
+    no_reuse = sum(_aligned(t.nbytes, alignment) for t in lives)
+    peak = max((offsets[t.name] + _aligned(t.nbytes, alignment) for t in lives), default=0)
     bound = max(live_bytes_by_step(lives, steps), default=0)
     return MemoryPlan(offsets, {t.name: t.nbytes for t in lives}, peak, no_reuse, bound, lives)
 

@@ -489,3 +489,17 @@ def plan_placement(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "p
     options = [_streaming_plan(plan, steps, slow, double=double, prefetch=True, fine=fine)
                for double in doubles for fine in (False, True)]
     return min(options, key=lambda p: p.estimated_seconds)
+
+
+def placement_chain(plan: Placement) -> list[tuple[int, str, WeightUse]]:
+    """The placement ops of `plan` in the order their chain runs: (the step before which the op
+    runs, "prefetch" | "fetch" | "release", the weight). At one step: releases, then prefetches,
+    then fetches, each in first-use order."""
+    events: dict[int, list] = {}
+    for w in plan.streamed:
+        if w.name in plan.prefetch_at:
+            events.setdefault(plan.prefetch_at[w.name], []).append((1, "prefetch", w))
+        events.setdefault(plan.fetch_at[w.name], []).append((2, "fetch", w))
+        events.setdefault(plan.release_after[w.name] + 1, []).append((0, "release", w))
+    return [(step, kind, w) for step in sorted(events)
+            for _, kind, w in sorted(events[step], key=lambda e: (e[0], e[2].first, e[2].name))]

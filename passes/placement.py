@@ -19,7 +19,9 @@ split=true, a layer whose weight keeps the working set over the budget is first 
 of output units that stream one by one, by the table SPLIT_RULES: linears and O2's linear
 epilogues by weight rows (an epilogue's residual sliced to match), embeddings by table columns,
 convolutions and conv epilogues by output channels (not grouped or transposed ones); the blocks'
-results are concatenated. The pass
+results are concatenated. With pipeline=true (and policy=prefetch) a layer whose copy nothing
+hides (the first layer's: no compute precedes it) is split further where the estimate says the
+blocks' copies, each behind the blocks before it, save time (split_for_overlap). The pass
 only decides and annotates: the lowering runs the three ops on the host, against a bounded pool
 (orca_compiler/lowering/streaming.py). It should run last: a later reordering would move ops
 away from the prefetches planned around them.
@@ -40,7 +42,9 @@ from orca_compiler.ops import fused
 from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
 from orca_compiler.ops.pointwise import POINTWISE, arguments
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from orca_compiler.placement import Placement, cpu_tiers, parse_budget, parse_tiers, plan_placement, tensor_anchor
+from orca_compiler.placement import (Placement, cpu_tiers, parse_budget, parse_tiers, placement_chain, plan_placement,
+                                     tensor_anchor)
+from orca_compiler.pool_regions import regions_fit
 
 aten = torch.ops.aten
 
@@ -289,8 +293,8 @@ def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placemen
     its layer into 2, 4 or 8 blocks, so that the first block's copy is all that waits and each
     next block's is prefetched behind the blocks before it. A split is kept only where the plan's
     estimate (which counts COPY_OVERHEAD per block and SEGMENT_OVERHEAD per cut) drops by more
-    than 2%; the largest wait is tried first, at most `tries` times. Returns the IR (a split copy
-    of `ir`, or `ir` itself), its plan and how many layers were split."""
+    than 2%; the largest wait is tried first, at most `tries` times. Returns the IR (a split copy of
+    `ir`, or `ir` itself), its plan and how many layers were split."""
     from orca_compiler.placement import stalls
 
     split, refused = 0, set()
@@ -328,12 +332,15 @@ class PlaceMemoryOptions:
     name:capacity@bandwidth joined by ';' (default: this machine's ram and disk); policy:
     "prefetch" (copies ahead of use on a background thread) or "naive" (each copy when needed);
     split: split a layer whose weight keeps the working set over the budget into blocks of
-    output units (SPLIT_RULES: linears, linear and conv epilogues, embeddings, convolutions)."""
+    output units (SPLIT_RULES: linears, linear and conv epilogues, embeddings, convolutions);
+    pipeline: with split and policy=prefetch, also split a layer whose copy the plan cannot hide
+    into blocks whose copies overlap the blocks before them (split_for_overlap)."""
 
     budget: str = ""
     tiers: str = ""
     policy: Literal["prefetch", "naive"] = "prefetch"
     split: bool = True
+    pipeline: bool = True
 
 
 def plan_for(ir: GraphIR, options: PlaceMemoryOptions) -> Placement:
@@ -369,38 +376,31 @@ def _release_anchor(last_use: fx.Node, segment_end: fx.Node | None, ancestors: d
 def insert_streaming(ir: GraphIR, plan: Placement) -> None:
     """Write the plan into the IR: prefetch / fetch / release nodes on one ordering chain."""
     nodes = ir.compute_nodes()
-    events: dict[int, list] = {}
-    for w in plan.streamed:
-        if w.name in plan.prefetch_at:
-            events.setdefault(plan.prefetch_at[w.name], []).append((1, "prefetch", w))
-        events.setdefault(plan.fetch_at[w.name], []).append((2, "fetch", w))
-        events.setdefault(plan.release_after[w.name] + 1, []).append((0, "release", w))
     for w in plan.streamed:  # a pass may have created the weight mid-graph (fold-bn): prefetches may come earlier
         nodes[0].prepend(w.node)
     chain: list[fx.Node] = []  # the previous placement op: every one takes it, so their order is kept
     tokens, fetched, ancestors = {}, {}, {}
-    for step in sorted(events):
+    for step, kind, w in placement_chain(plan):
         before = nodes[step] if step < len(nodes) else ir.output_node()
         # the latest tensor computed before this step: a prefetch is not issued before it exists
         anchor = next((n for n in reversed(nodes[:step]) if isinstance(n.meta.get("val"), torch.Tensor)), None)
-        for _, kind, w in sorted(events[step], key=lambda e: (e[0], e[2].first, e[2].name)):
-            with ir.graph.inserting_before(before):
-                if kind == "prefetch":
-                    deps = chain[-1:] + ([anchor] if anchor is not None else [])
-                    node = ir.create_node(PREFETCH, (w.node, deps, plan.pool_bytes), name=f"prefetch_{w.name}")
-                    tokens[w.name] = node
-                elif kind == "fetch":
-                    deps = chain[-1:] + ([tokens[w.name]] if w.name in tokens and tokens[w.name] not in chain[-1:] else [])
-                    node = ir.create_node(FETCH, (w.node, deps, plan.pool_bytes), name=f"fetch_{w.name}")
-                    for user in list(w.node.users):
-                        if user.target not in PLACEMENT_OPS:
-                            user.replace_input_with(w.node, node)
-                    fetched[w.name] = node
-                else:
-                    node = ir.create_node(RELEASE, (fetched[w.name], chain[-1:] + [_release_anchor(nodes[w.last], anchor, ancestors)]),
-                                          name=f"release_{w.name}")
-            node.meta["orca_origin"] = "place-memory"
-            chain.append(node)
+        with ir.graph.inserting_before(before):
+            if kind == "prefetch":
+                deps = chain[-1:] + ([anchor] if anchor is not None else [])
+                node = ir.create_node(PREFETCH, (w.node, deps, plan.pool_bytes), name=f"prefetch_{w.name}")
+                tokens[w.name] = node
+            elif kind == "fetch":
+                deps = chain[-1:] + ([tokens[w.name]] if w.name in tokens and tokens[w.name] not in chain[-1:] else [])
+                node = ir.create_node(FETCH, (w.node, deps, plan.pool_bytes), name=f"fetch_{w.name}")
+                for user in list(w.node.users):
+                    if user.target not in PLACEMENT_OPS:
+                        user.replace_input_with(w.node, node)
+                fetched[w.name] = node
+            else:
+                node = ir.create_node(RELEASE, (fetched[w.name], chain[-1:] + [_release_anchor(nodes[w.last], anchor, ancestors)]),
+                                      name=f"release_{w.name}")
+        node.meta["orca_origin"] = "place-memory"
+        chain.append(node)
     for w in plan.weights:
         w.node.meta.setdefault("orca_annotations", {})["tier"] = plan.tiers[-1].name if w in plan.streamed else plan.tiers[0].name
 
@@ -437,11 +437,13 @@ class PlaceMemory(Pass):
                         f"; splitting layers, the minimum feasible budget is {lowest} bytes ({lowest:,})")
             raise PassInputError(message) from exc
         pipelined = 0
-        if plan.streamed and self.options.split and self.options.policy == "prefetch":
+        if plan.streamed and self.options.split and self.options.pipeline and self.options.policy == "prefetch":
             ir, plan, pipelined = split_for_overlap(ir, self.options, plan)
         stats = {"split": split, "pipelined": pipelined, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
                  "pool_bytes": plan.pool_bytes, "bytes_moved": plan.bytes_moved, "min_budget": plan.min_budget,
                  "segments": len(plan.segments), "prefetched": len(plan.prefetch_at), "wrapped": len(plan.wrapped),
+                 # whether the pool's regions fit one arena (else the runtime gives each copy its own buffer)
+                 "arena": regions_fit(plan) if plan.streamed else True,
                  # the roofline estimate of the copies' time not hidden behind compute, per call
                  "est_stall_us": round((plan.estimated_seconds - plan.compute_seconds) * 1e6, 1)}
         if not plan.streamed:

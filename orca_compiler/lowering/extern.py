@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..ops import fused
+from ..ops.placement import FETCH
 from ..ops import quant as quant_ops
 from ..ops import rnn as rnn_ops
 from ..ops import sparse as sparse_ops
@@ -107,12 +108,23 @@ def _all_float32_cpu(node: fx.Node) -> bool:
 
 
 def _make_mkldnn_linear(node, args, kwargs):
-    """oneDNN's inner product (what Inductor's CPU freezing uses), with the weight bound."""
+    """oneDNN's inner product (what Inductor's CPU freezing uses), with the weight bound; a weight
+    streamed by place-memory (fetched at run time) is passed to it on every call."""
+    linear = torch.ops.mkldnn._linear_pointwise
+    if isinstance(args[1], _Slot):
+        bind = _binder(args, kwargs)
+
+        def run_streamed(*activations):
+            filled, filled_kwargs = bind(activations)
+            bias = filled[2] if len(filled) > 2 else filled_kwargs.get("bias")
+            return linear(filled[0], filled[1], bias, "none", [], "")
+
+        return run_streamed
     weight = args[1].contiguous()
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
 
     def run(activation):
-        return torch.ops.mkldnn._linear_pointwise(activation, weight, bias, "none", [], "")
+        return linear(activation, weight, bias, "none", [], "")
 
     return run
 
@@ -133,6 +145,22 @@ def _make_mkl_linear(node, args, kwargs):
         return out.reshape(*activation.shape[:-1], out_features)
 
     return run
+
+
+def _streamed(arg) -> bool:
+    """Whether `arg` is a weight place-memory streams: fetched into the pool at run time."""
+    return isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is FETCH
+
+
+def _linear_with_streamed_weight(node: fx.Node) -> bool:
+    """A float32 CPU linear whose weight is streamed (its bias a weight, streamed or not): oneDNN
+    takes a plain weight on each call where MKL's packed kernel needs it at bind time."""
+    args = node.args
+    if not isinstance(args[0], fx.Node) or args[0].op == "get_attr" or not _streamed(args[1]):
+        return False
+    bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
+    bias_ok = bias is None or (isinstance(bias, fx.Node) and (bias.op == "get_attr" or _streamed(bias)))
+    return bias_ok and _all_float32_cpu(node)
 
 
 def _linear_with_constant_weight(node: fx.Node) -> bool:
@@ -243,7 +271,10 @@ def _epilogue_fits_mkldnn(node: fx.Node) -> bool:
     if node.target is fused.CONV_EPILOGUE and a["weight"].meta["val"].dim() != 4:
         return False  # oneDNN's pointwise convolution is 2-d
     constants = [a["weight"]] + ([a["bias"]] if a["bias"] is not None else [])
-    if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in constants):
+    # a linear's weight and bias may be streamed (fetched at run time): oneDNN takes them per call
+    bound = (lambda c: c.op == "get_attr" or _streamed(c)) if node.target is fused.LINEAR_EPILOGUE else (
+        lambda c: c.op == "get_attr")
+    if not all(isinstance(c, fx.Node) and bound(c) for c in constants):
         return False
     if not isinstance(a["x"], fx.Node) or a["x"].op == "get_attr" or not _all_float32_cpu(node):
         return False
@@ -252,7 +283,7 @@ def _epilogue_fits_mkldnn(node: fx.Node) -> bool:
 
 def _mkldnn_applies(node: fx.Node) -> bool:
     if node.target is aten.linear.default:
-        return _linear_with_constant_weight(node)
+        return _linear_with_constant_weight(node) or _linear_with_streamed_weight(node)
     if node.target is sparse_ops.SPARSE_LINEAR:
         return _sparse_linear_with_constant_weight(node)
     if node.target in _DEQUANTIZABLE:
@@ -304,20 +335,25 @@ def _make_mkldnn_linear_epilogue(node, args, kwargs):
     binary post-op (which takes no unary one: the activation then runs in place in torch)."""
     bind = _binder(args, kwargs)
     a = dict(zip((arg.name for arg in fused.LINEAR_EPILOGUE._schema.arguments), args))
-    weight, bias = a["weight"].contiguous(), a["bias"]
     linear = torch.ops.mkldnn._linear_pointwise
+    if isinstance(a["weight"], _Slot) or isinstance(a["bias"], _Slot):  # streamed: passed per call
+        weight_and_bias = lambda filled: (filled[1], filled[2])  # noqa: E731
+    else:
+        constants = (a["weight"].contiguous(), a["bias"])
+        weight_and_bias = lambda filled: constants  # noqa: E731
     if not isinstance(a["residual"], (_Slot, torch.Tensor)):
         attr, scalars, algorithm = _onednn_post_op(a["activation"], a["act_args"])
 
         def run(*activations):
-            return linear(bind(activations)[0][0], weight, bias, attr, scalars, algorithm)
+            filled = bind(activations)[0]
+            return linear(filled[0], *weight_and_bias(filled), attr, scalars, algorithm)
 
         return run
     after = _then_activation(a["activation"], a["act_args"])
 
     def run_binary(*activations):
         filled = bind(activations)[0]
-        return after(linear.binary(filled[0], filled[3], weight, bias, "add"))
+        return after(linear.binary(filled[0], filled[3], *weight_and_bias(filled), "add"))
 
     return run_binary
 

@@ -61,7 +61,8 @@ import torch
 import torch.fx as fx
 
 from ..ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
-from ..placement import POOL_ALIGNMENT, pool_footprint
+from ..placement import pool_footprint
+from ..pool_regions import placement_events, plan_regions
 from .support import register_host_op
 
 # O_DIRECT reads need the buffer, the file offset and the length aligned to the device's block
@@ -76,45 +77,6 @@ DIRECT_MIN_BYTES = 256 << 10
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def plan_regions(events: list[tuple[str, object, int]], capacity: int) -> dict | None:
-    """Offsets (POOL_ALIGNMENT-aligned) in a pool of `capacity` bytes for a fixed sequence of
-    ("alloc" | "alloc_top", key, nbytes) / ("free", key, 0) events: first fit ("alloc_top": the
-    highest fit); a key allocated again gets its first region back. None where fragmentation would
-    take the pool over its capacity, or the region to get back is taken."""
-    holes = [(0, capacity)]  # (start, end), sorted, disjoint
-    where: dict = {}
-    for kind, key, nbytes in events:
-        if kind.startswith("alloc"):
-            size = pool_footprint(max(nbytes, 1))
-            if key in where:  # its region again
-                start = where[key][0]
-                i = next((i for i, (a, b) in enumerate(holes) if a <= start and start + size <= b), None)
-            elif kind == "alloc_top":
-                i = next((i for i in reversed(range(len(holes))) if holes[i][1] - holes[i][0] >= size), None)
-                start = (holes[i][1] - size) // POOL_ALIGNMENT * POOL_ALIGNMENT if i is not None else 0
-                i = i if i is not None and start >= holes[i][0] else None
-            else:
-                i = next((i for i, (a, b) in enumerate(holes) if b - a >= size), None)
-                start = holes[i][0] if i is not None else 0
-            if i is None:
-                return None
-            a, b = holes[i]
-            where[key] = (start, size)
-            holes[i:i + 1] = [(x, y) for x, y in ((a, start), (start + size, b)) if x < y]
-        else:
-            a, size = where[key]
-            holes.append((a, a + size))
-            holes.sort()
-            merged = [holes[0]]
-            for start, end in holes[1:]:
-                if start <= merged[-1][1]:
-                    merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-                else:
-                    merged.append((start, end))
-            holes = merged
-    return {key: offset for key, (offset, _) in where.items()}
 
 
 class WeightPool:
@@ -417,8 +379,8 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     # in the order the program reads them: a segment's weights are one run of the file
     names = list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
     weights = {name: getattr(parent, name) for name in names}
-    events = _pool_events(nodes, weights)
-    regions = plan_regions(events, capacity) or plan_regions([(k.replace("_top", ""), n, b) for k, n, b in events], capacity) or {}
+    events = placement_events(nodes, {name: _nbytes(w) for name, w in weights.items()})
+    regions = plan_regions(events, capacity) or {}
     views, path, offsets = map_weights(weights, {name: offset % PAGE for name, offset in regions.items()})
     for name, view in views.items():
         original = getattr(parent, name)
@@ -435,32 +397,6 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     nodes[-1].target = stream.end_prefetch if nodes[-1].target == stream.prefetch else stream.end_release
     parent.orca_stream = stream
     weakref.finalize(parent, _remove, path)
-
-
-def _pool_events(nodes: list[fx.Node], views: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
-    """The pool's allocations and frees in the order the placement chain runs them: a weight is
-    allocated at its prefetch (or its fetch, where none) and freed at its release. A wrap-around
-    prefetch's weight is held when a call starts ("alloc_top"), and gets its region back at that
-    prefetch."""
-    fetched_first = set()
-    wrapped = []
-    for node in nodes:
-        name = node.args[0].target if node.target != RELEASE else None
-        if node.target == FETCH:
-            fetched_first.add(name)
-        elif node.target == PREFETCH and name in fetched_first:
-            wrapped.append(name)
-    events = [("alloc_top", name, _nbytes(views[name])) for name in wrapped]
-    allocated = set(wrapped)
-    for node in nodes:
-        if node.target == RELEASE:
-            events.append(("free", node.args[0].args[0].target, 0))
-            allocated.discard(node.args[0].args[0].target)
-        elif node.args[0].target not in allocated:
-            name = node.args[0].target
-            allocated.add(name)
-            events.append(("alloc", name, _nbytes(views[name])))
-    return events
 
 
 def _remove(path: str) -> None:
