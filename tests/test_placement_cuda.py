@@ -335,3 +335,25 @@ def test_the_device_pool_never_goes_over_its_capacity(monkeypatch):
     assert copy_c[1] == stream._arena.data_ptr() + regions["c"] and regions["c"] == regions["a"]
     assert release_a in copy_c[3]
     assert torch.equal(stream.fetch("c", [], 1024), weights["c"])
+
+
+def test_without_regions_each_copy_gets_its_own_device_buffer(monkeypatch):
+    """Where the chain's regions do not fit (regions=None), a copy goes to a buffer of its own
+    (kept from reuse until the side stream ran it), disk-homed weights are staged per copy, and
+    the byte bound holds as with the arena."""
+    device = FakeDevice()
+    monkeypatch.setattr(streaming_cuda, "make_backend", lambda: device)
+    weights = {"a": torch.randn(70000), "b": torch.arange(24, dtype=torch.int64).reshape(4, 6)}
+    views, path, offsets = streaming.map_weights(weights)
+    stream = streaming_cuda.CudaWeightStream(1 << 20, views, {"a": "disk", "b": "host"}, None, path, offsets)
+    stream._start()
+    assert not stream.arena and stream._arena is None and stream._staging is None
+    stream.prefetch("a", [], 0)
+    fetched = {name: stream.fetch(name, [], 0) for name in ("a", "b")}
+    assert all(torch.equal(fetched[n], weights[n]) for n in weights)
+    assert sum(e[0] == "keep" for e in device.log) == 2  # both buffers held for the side stream
+    assert stream.pool.used == sum(streaming.pool_footprint(w.numel() * w.element_size()) for w in weights.values())
+    for name in ("a", "b"):
+        stream.release(name, fetched[name], [])
+    assert stream.pool.used == 0 and stream.stats()["bytes_moved"] == 70000 * 4 + 24 * 8
+    assert stream.stats()["arena"] is False
