@@ -34,8 +34,11 @@ def _normalize_inputs(example_inputs: Any) -> tuple:
     return tuple(example_inputs)
 
 
-def _pass_config(options: dict) -> dict:
+def _pass_config(options: dict, target_kind: str = "cpu") -> dict:
+    """ctx.config for the passes: the user's pass_config, calibration data, and `target_kind`
+    ("cpu" or "cuda": the device the program is compiled for, e.g. place-memory's default tiers)."""
     config = dict(options.get("pass_config") or {})
+    config.setdefault("target_kind", target_kind)
     if options.get("calibration_data") is not None:
         config["calibration_data"] = list(options["calibration_data"])
     if options.get("calibration_loss") is not None:
@@ -127,7 +130,7 @@ def compile(
         example_inputs=tuple(pytree.tree_leaves(inputs)),
         instruments=list(options.get("instruments") or []),
         verify_each=bool(options.get("verify_each", True)),
-        config=_pass_config(options),
+        config=_pass_config(options, resolved.kind),
     )
     for inst in ctx.instruments:
         if not isinstance(inst, Instrument):

@@ -58,3 +58,8 @@ class TargetError(OrcaError):
 
 class InputMismatchError(OrcaError):
     """A compiled module was called with inputs whose count, shape, dtype or device differ."""
+
+
+class StreamingError(OrcaError):
+    """A streamed program's weight stream cannot do what its plan says (e.g. a copy would take the
+    device pool over its capacity)."""

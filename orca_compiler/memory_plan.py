@@ -234,6 +234,28 @@ def pool_peak(ir: GraphIR) -> tuple[int, int]:
     return capacity, peak
 
 
+# How the report orders tiers that place-memory named (fastest first); other names come after.
+_TIER_ORDER = ("device", "ram", "host", "disk")
+
+
+def _fast_tier_name(ir: GraphIR, streamed: set) -> str:
+    """The fastest tier's name as place-memory annotated the resident weights (`ram` if none is)."""
+    for node in ir.graph.nodes:
+        if node.op == "get_attr" and node not in streamed and "tier" in node.meta.get("orca_annotations", {}):
+            return node.meta["orca_annotations"]["tier"]
+    return "ram"
+
+
+def _homed_bytes(streamed: set) -> dict[str, int]:
+    """Bytes of the streamed weights per home tier (their `tier` annotation; `disk` if none)."""
+    homed: dict[str, int] = {}
+    for node in streamed:
+        tier = node.meta.get("orca_annotations", {}).get("tier", "disk")
+        homed[tier] = homed.get(tier, 0) + _nbytes(node.meta.get("val"))
+    rank = {name: i for i, name in enumerate(_TIER_ORDER)}
+    return dict(sorted(homed.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
 def memory_report(ir: GraphIR) -> str:
     """A table per tier: bytes resident, the activation peak with and without reuse and the
     lower bound (fast tier), place-memory's pool (capacity and planned peak) and the bytes moved
@@ -246,14 +268,15 @@ def memory_report(ir: GraphIR) -> str:
     inputs = sum(t.nbytes for t in lives if t.kind == "input")
     capacity, peak = pool_peak(ir)
     largest = sorted(plan.lives, key=lambda t: -t.nbytes)[:5]
+    fast = _fast_tier_name(ir, streamed)
     lines = [
         "tier  resident weights  inputs  activation peak (reuse)  without reuse  lower bound  moved",
-        f"ram   {weights:>16,}  {inputs:>6,}  {plan.peak:>23,}  {plan.no_reuse:>13,}  {plan.lower_bound:>11,}  {slow:,}",
+        f"{fast:<5} {weights:>16,}  {inputs:>6,}  {plan.peak:>23,}  {plan.no_reuse:>13,}  {plan.lower_bound:>11,}  {slow:,}",
     ]
     if streamed:
-        tier = next(iter(streamed)).meta.get("orca_annotations", {}).get("tier", "disk")
-        lines.append(f"{tier:<5} {slow:>16,}  {'-':>6}  {'-':>23}  {'-':>13}  {'-':>11}  0")
-        lines.append(f"pool (ram, for streamed weights): capacity {capacity:,}, planned peak {peak:,}; "
+        for tier, homed in _homed_bytes(streamed).items():  # streamed weights by home tier (host, disk)
+            lines.append(f"{tier:<5} {homed:>16,}  {'-':>6}  {'-':>23}  {'-':>13}  {'-':>11}  0")
+        lines.append(f"pool ({fast}, for streamed weights): capacity {capacity:,}, planned peak {peak:,}; "
                      f"fast-tier weights at most {weights + capacity:,} (resident + pool), "
                      f"{len(streamed)} weights streamed, {slow:,} bytes moved per call")
     lines.append("largest activations (bytes, live steps):")

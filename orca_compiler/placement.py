@@ -4,10 +4,16 @@ streamed from the slow tier, and where their prefetches go.
 **Tiers.** A tier is a name, a capacity and a bandwidth (bytes/s, for reading from it into the
 fastest tier). On CPU there are two: `ram` (capacity: the RAM available now, psutil) and `disk`
 (memory-mapped files; capacity: the free space of the cache folder, bandwidth a conservative
-default, `DISK_BANDWIDTH`, unless measured with `measure_disk_bandwidth`). On CUDA there would be
-three, `device` (GPU memory), `host` (pinned RAM, PCIe bandwidth) and `disk`; `cuda_tiers`
-describes them, but only the CPU pair is implemented by the runtime. The pipeline option
-`tiers=ram:16G@20G;disk:1T@1G` replaces the defaults (capacity@bandwidth per second).
+default, `DISK_BANDWIDTH`, unless measured with `measure_disk_bandwidth`). On CUDA there are
+three (`cuda_tiers`): `device` (GPU memory), `host` (pinned RAM, PCIe bandwidth) and `disk`;
+`default_tiers` picks by the compile target. The pipeline option `tiers=ram:16G@20G;disk:1T@1G`
+replaces the defaults (capacity@bandwidth per second).
+
+**Homes** (`plan_with_homes`): the plan below decides what is resident in the fastest tier and
+what streams; with three tiers each streamed weight is then homed on the middle tier (`host`)
+while its capacity holds it, in first-use order (first fit), else on the last (`disk`), and the
+estimate is replayed with each weight's home bandwidth. The choice of streamed weights and of the
+prefetch steps still assumes the slowest tier's bandwidth for every streamed weight (conservative).
 
 **The plan** (`plan_placement`), for a fast-tier budget B in bytes for the weights:
 1. Each weight's live range [first, last] comes from memory_plan.liveness (steps = compute
@@ -107,11 +113,17 @@ def cpu_tiers() -> list[Tier]:
 
 
 def cuda_tiers(device: int = 0) -> list[Tier]:
-    """`device` (GPU memory), `host` (RAM over PCIe) and `disk`: the tier model on CUDA. Described
-    for planning only; the runtime streams on CPU."""
+    """`device` (GPU memory), `host` (pinned RAM over PCIe) and `disk`: the tier model on CUDA
+    (lowering/streaming_cuda.py runs it). Without a GPU here (a CPU-only torch, or compiling on a
+    build machine) the device tier's capacity is 0: place-memory then needs an explicit budget."""
     free = torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else 0
     ram, disk = cpu_tiers()
     return [Tier("device", int(free), 1e12), Tier("host", ram.capacity, PCIE_BANDWIDTH), disk]
+
+
+def default_tiers(target_kind: str = "cpu") -> list[Tier]:
+    """The tiers of the machine for a compile target kind: `cuda_tiers()` for "cuda", else `cpu_tiers()`."""
+    return cuda_tiers() if target_kind == "cuda" else cpu_tiers()
 
 
 def measure_disk_bandwidth(megabytes: int = 64) -> float:
@@ -160,6 +172,9 @@ def parse_budget(text: str, total: int, fast: Tier) -> int:
     """A budget in bytes, or a percentage of the weights' bytes (`50%`); empty: the fast tier."""
     text = text.strip()
     if not text:
+        if fast.capacity <= 0:
+            raise PassInputError(f"the {fast.name} tier's capacity is unknown here (0 bytes free: no such device on "
+                                 "this machine?); give place-memory a budget (bytes, 512K, or 50%) or tiers=")
         return fast.capacity
     if text.endswith("%"):
         return int(total * float(text[:-1]) / 100)
@@ -204,6 +219,7 @@ class Placement:
     fetch_at: dict[str, int] = field(default_factory=dict)  # the step before which it is fetched
     release_after: dict[str, int] = field(default_factory=dict)  # the step after which it is released
     prefetch_at: dict[str, int] = field(default_factory=dict)  # after fetch_at: a prefetch for the next call
+    home: dict[str, str] = field(default_factory=dict)  # a streamed weight's tier (empty: the last tier)
     min_budget: int = 0
     op_seconds: list[float] = field(default_factory=list)
     estimated_seconds: float = 0.0  # ops plus the copies that could not be hidden
@@ -397,18 +413,18 @@ def _replay(plan: Placement, bandwidth: float) -> tuple[float, dict[str, float]]
     clock = 0.0
     copies_free = 0.0
     waits: dict[str, float] = {}
-    sizes = {w.name: w.nbytes for w in plan.streamed}
+    seconds_of = {w.name: w.nbytes / home_bandwidth(plan, w.name, bandwidth) for w in plan.streamed}
     wrapped = set(plan.wrapped)
-    ready = {name: max(0.0, sizes[name] / bandwidth - sum(plan.op_seconds[plan.prefetch_at[name]:]))
+    ready = {name: max(0.0, seconds_of[name] - sum(plan.op_seconds[plan.prefetch_at[name]:]))
              for name in wrapped}
     by_prefetch = sorted(((n, s) for n, s in plan.prefetch_at.items() if n not in wrapped), key=lambda item: item[1])
     for step, seconds in enumerate(plan.op_seconds):
         for name, _ in [item for item in by_prefetch if item[1] == step]:
-            copies_free = max(clock, copies_free) + sizes[name] / bandwidth
+            copies_free = max(clock, copies_free) + seconds_of[name]
             ready[name] = copies_free
         for w in plan.streamed:
             if plan.fetch_at[w.name] == step:
-                done = max(clock, ready[w.name]) if w.name in ready else clock + w.nbytes / bandwidth
+                done = max(clock, ready[w.name]) if w.name in ready else clock + seconds_of[w.name]
                 waits[w.name], clock = done - clock, done
         clock += seconds
     return clock + COPY_OVERHEAD * len(plan.streamed) + SEGMENT_OVERHEAD * len(plan.segments), waits
@@ -503,3 +519,46 @@ def placement_chain(plan: Placement) -> list[tuple[int, str, WeightUse]]:
         events.setdefault(plan.release_after[w.name] + 1, []).append((0, "release", w))
     return [(step, kind, w) for step in sorted(events)
             for _, kind, w in sorted(events[step], key=lambda e: (e[0], e[2].first, e[2].name))]
+
+
+def home_bandwidth(plan: Placement, name: str, default: float) -> float:
+    """The bandwidth of the tier a streamed weight is homed on (`default` where it has no home)."""
+    home = plan.home.get(name)
+    return next((t.bandwidth for t in plan.tiers if t.name == home), default)
+
+
+def assign_homes(plan: Placement) -> dict[str, str]:
+    """Each streamed weight's home tier. With three tiers or more, the second (`host` on CUDA) in
+    first-use order while its capacity holds it (first fit: a later, smaller weight may still fit
+    where a larger one did not), else the last (`disk`); with two tiers, the last."""
+    last = plan.tiers[-1].name
+    if len(plan.tiers) < 3:
+        return {w.name: last for w in plan.streamed}
+    middle, room, homes = plan.tiers[1], plan.tiers[1].capacity, {}
+    for w in sorted(plan.streamed, key=lambda w: (w.first, w.name)):
+        if w.nbytes <= room:
+            homes[w.name], room = middle.name, room - w.nbytes
+        else:
+            homes[w.name] = last
+    return homes
+
+
+def tier_bytes(plan: Placement) -> dict[str, int]:
+    """Weight bytes homed on each tier, fastest first: the resident weights on the first, each
+    streamed weight on its home (the last tier where it has none). They add up to all weights."""
+    totals = {t.name: 0 for t in plan.tiers}
+    totals[plan.tiers[0].name] += plan.resident_bytes
+    for w in plan.streamed:
+        totals[plan.home.get(w.name, plan.tiers[-1].name)] += w.nbytes
+    return totals
+
+
+def plan_with_homes(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "prefetch",
+                    ops: list[float] | None = None) -> Placement:
+    """plan_placement, then each streamed weight homed (assign_homes) and the estimate replayed
+    with each weight's home bandwidth (with two tiers: the same plan and estimate)."""
+    plan = plan_placement(ir, budget, tiers, policy, ops)
+    if plan.streamed:
+        plan.home = assign_homes(plan)
+        plan.estimated_seconds = _timeline(plan, tiers[-1].bandwidth)
+    return plan

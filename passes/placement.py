@@ -14,7 +14,9 @@ bit for bit.
 the IR as ops of orca_compiler/ops/placement.py: for each streamed weight a `prefetch` at its
 planned step, a `fetch` before the segment of its first use (its users read the fetched tensor)
 and a `release` after the segment of its last use (segments: see orca_compiler.placement).
-The streamed weight's get_attr is annotated `{tier=disk}`. With
+The streamed weight's get_attr is annotated with its home tier (`{tier=disk}`, or on CUDA
+`{tier=host}` / `{tier=disk}`), a resident one with the fastest tier's name. The default tiers
+follow the compile target (ctx.config["target_kind"], set by orca_compiler.compile). With
 split=true, a layer whose weight keeps the working set over the budget is first split into blocks
 of output units that stream one by one, by the table SPLIT_RULES: linears and O2's linear
 epilogues by weight rows (an epilogue's residual sliced to match), embeddings by table columns,
@@ -42,8 +44,8 @@ from orca_compiler.ops import fused
 from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
 from orca_compiler.ops.pointwise import POINTWISE, arguments
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from orca_compiler.placement import (Placement, cpu_tiers, parse_budget, parse_tiers, placement_chain, plan_placement,
-                                     tensor_anchor)
+from orca_compiler.placement import (Placement, Tier, default_tiers, parse_budget, parse_tiers, placement_chain,
+                                     plan_with_homes, tensor_anchor, tier_bytes)
 from orca_compiler.pool_regions import regions_fit
 
 aten = torch.ops.aten
@@ -286,8 +288,8 @@ def _named(ir: GraphIR, name: str) -> fx.Node:
     return next(n for n in ir.graph.nodes if n.name == name)
 
 
-def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placement, tries: int = 8
-                      ) -> tuple[GraphIR, Placement, int]:
+def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placement, target_kind: str = "cpu",
+                      tries: int = 8) -> tuple[GraphIR, Placement, int]:
     """Pipeline the copies that nothing hides: where the main thread waits for a streamed weight
     (the first layer's, which no compute precedes, or one the pool had no room to prefetch), split
     its layer into 2, 4 or 8 blocks, so that the first block's copy is all that waits and each
@@ -313,7 +315,7 @@ def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placemen
                 break
             split_op(trial, op, rule, blocks)
             try:
-                trial_plan = plan_for(trial, options)
+                trial_plan = plan_for(trial, options, target_kind)
             except PassInputError:
                 continue
             if best is None or trial_plan.estimated_seconds < best[1].estimated_seconds:
@@ -329,7 +331,8 @@ def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placemen
 class PlaceMemoryOptions:
     """budget: the fast tier's bytes for weights (bytes, 512K / 2M, or a percentage of the
     weights' bytes such as 50%; default: the fast tier's capacity); tiers: fastest first,
-    name:capacity@bandwidth joined by ';' (default: this machine's ram and disk); policy:
+    name:capacity@bandwidth joined by ';' (default: this machine's ram and disk, or for a CUDA
+    target its device, host and disk); policy:
     "prefetch" (copies ahead of use on a background thread) or "naive" (each copy when needed);
     split: split a layer whose weight keeps the working set over the budget into blocks of
     output units (SPLIT_RULES: linears, linear and conv epilogues, embeddings, convolutions);
@@ -343,11 +346,17 @@ class PlaceMemoryOptions:
     pipeline: bool = True
 
 
-def plan_for(ir: GraphIR, options: PlaceMemoryOptions) -> Placement:
-    """The placement plan of `ir` under `options` (what the pass writes into the IR)."""
-    tiers = parse_tiers(options.tiers) if options.tiers else cpu_tiers()
+def tiers_for(options: PlaceMemoryOptions, target_kind: str = "cpu") -> list[Tier]:
+    """The tiers option, or the default tiers of the compile target ("cpu" or "cuda")."""
+    return parse_tiers(options.tiers) if options.tiers else default_tiers(target_kind)
+
+
+def plan_for(ir: GraphIR, options: PlaceMemoryOptions, target_kind: str = "cpu") -> Placement:
+    """The placement plan of `ir` under `options` (what the pass writes into the IR), each
+    streamed weight with its home tier."""
+    tiers = tiers_for(options, target_kind)
     budget = parse_budget(options.budget, ir.weight_bytes(), tiers[0])
-    return plan_placement(ir, budget, tiers, options.policy)
+    return plan_with_homes(ir, budget, tiers, options.policy)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -402,7 +411,8 @@ def insert_streaming(ir: GraphIR, plan: Placement) -> None:
         node.meta["orca_origin"] = "place-memory"
         chain.append(node)
     for w in plan.weights:
-        w.node.meta.setdefault("orca_annotations", {})["tier"] = plan.tiers[-1].name if w in plan.streamed else plan.tiers[0].name
+        home = plan.home.get(w.name, plan.tiers[-1].name)
+        w.node.meta.setdefault("orca_annotations", {})["tier"] = home if w in plan.streamed else plan.tiers[0].name
 
 
 _MINIMUM = re.compile(r"; the minimum feasible budget is (\d+) bytes \([\d,]+\)")
@@ -419,12 +429,13 @@ class PlaceMemory(Pass):
         if any(n.target in PLACEMENT_OPS for n in ir.compute_nodes()):
             return PassResult(ir, False, {})  # placed already
         split, unsplit = 0, []
+        target_kind = ctx.config.get("target_kind", "cpu")
         if self.options.split:
-            tiers = parse_tiers(self.options.tiers) if self.options.tiers else cpu_tiers()
+            tiers = tiers_for(self.options, target_kind)
             budget, unsplit_ir = parse_budget(self.options.budget, ir.weight_bytes(), tiers[0]), ir.copy()
             split, unsplit = split_to_fit(ir, budget)
         try:
-            plan = plan_for(ir, self.options)
+            plan = plan_for(ir, self.options, target_kind)
         except PassInputError as exc:
             if not unsplit:
                 raise
@@ -438,14 +449,16 @@ class PlaceMemory(Pass):
             raise PassInputError(message) from exc
         pipelined = 0
         if plan.streamed and self.options.split and self.options.pipeline and self.options.policy == "prefetch":
-            ir, plan, pipelined = split_for_overlap(ir, self.options, plan)
+            ir, plan, pipelined = split_for_overlap(ir, self.options, plan, target_kind)
         stats = {"split": split, "pipelined": pipelined, "budget": plan.budget, "resident_bytes": plan.resident_bytes, "streamed": len(plan.streamed),
                  "pool_bytes": plan.pool_bytes, "bytes_moved": plan.bytes_moved, "min_budget": plan.min_budget,
                  "segments": len(plan.segments), "prefetched": len(plan.prefetch_at), "wrapped": len(plan.wrapped),
                  # whether the pool's regions fit one arena (else the runtime gives each copy its own buffer)
                  "arena": regions_fit(plan) if plan.streamed else True,
                  # the roofline estimate of the copies' time not hidden behind compute, per call
-                 "est_stall_us": round((plan.estimated_seconds - plan.compute_seconds) * 1e6, 1)}
+                 "est_stall_us": round((plan.estimated_seconds - plan.compute_seconds) * 1e6, 1),
+                 # bytes of weights homed on each tier (resident on the fastest), e.g. tier_host
+                 **{f"tier_{name}": n for name, n in tier_bytes(plan).items()}}
         if not plan.streamed:
             return PassResult(ir, False, stats)
         insert_streaming(ir, plan)

@@ -1,7 +1,8 @@
 """Benchmark place-memory: latency with the weights' fast-tier budget at 50% and 25% against 100%,
-with prefetch (the plan) next to policy=naive (each weight copied when its segment starts), in
-three read modes: "direct" (the runtime's default: O_DIRECT reads from the disk into the pool, no
-page cache), and buffered reads with the weights file in the page cache ("hot") or dropped from it
+with prefetch (the plan), the plan without pipelining (`pipeline=false`: no layer split only to
+overlap its copy) and policy=naive (each weight copied when its segment starts), in three read
+modes: "direct" (the runtime's default: O_DIRECT reads from the disk into the pool, no page
+cache), and buffered reads with the weights file in the page cache ("hot") or dropped from it
 before every call ("cold": the copies read the disk through the page cache).
 
     python tools/bench_placement.py                               # transformer, resnet, gru_bidir, mlp:512
@@ -9,14 +10,14 @@ before every call ("cold": the copies read the disk through the page cache).
 
 A model is `name` or `name:N`, which repeats the zoo example along dim 0 up to N (more compute per
 byte of weights, where prefetching has something to hide the copies behind). Each variant is
-compiled at O1 + `place-memory{budget=B,policy=P}`; where a budget is below the model's minimum
+compiled at O1 + `place-memory{budget=B,...}`; where a budget is below the model's minimum
 (one layer's weights do not fit) the minimum is used and the row says so. All variants of a model
 are timed in one process, interleaved round-robin, medians of `--repeats` rounds; in cold mode
 the page cache is dropped (WeightStream.evict) before each call, outside the timed region. The
 modes run one after another, each with all variants interleaved.
 
-Printed per variant: the pool, its measured peak and the bytes moved per call, the time and the
-slowdown against 100%, and from the stream's own clocks (medians per call) `copy`, the time the
+Printed per variant: the layers split for overlap (`piped`), whether the pool is one arena, the
+pool, its measured peak and the bytes moved per call, the time and the slowdown against 100%, and from the stream's own clocks (medians per call) `copy`, the time the
 copies took, and `wait`, the time the main thread waited for weights in fetches; `hidden` is
 1 - wait / copy, the share of the transfer time that prefetching kept off the critical path
 (with policy=naive the main thread does the copies itself: wait >= copy), and `direct`, the share
@@ -40,21 +41,25 @@ from orca_compiler.errors import PassError
 from orca_compiler.lowering.streaming import stream_of
 from orca_compiler.memory_plan import plan_activations
 
-VARIANTS = [("100%", "prefetch"), ("50%", "prefetch"), ("50%", "naive"), ("25%", "prefetch"), ("25%", "naive")]
+# (label, budget, place-memory options): the plan, the plan without pipelining, and naive
+VARIANTS = [("100% prefetch", "100%", "policy=prefetch")] + [
+    (f"{budget} {label}", budget, options) for budget in ("50%", "25%")
+    for label, options in (("prefetch", "policy=prefetch"), ("no-pipe", "policy=prefetch,pipeline=false"),
+                           ("naive", "policy=naive"))]
 DEFAULT_MODELS = ["transformer", "resnet", "gru_bidir", "mlp:512"]
 
 
-def _compile(model, inputs, budget: str, policy: str):
+def _compile(model, inputs, budget: str, options: str):
     """(compiled, budget actually used, note)."""
-    pipeline = "O1,place-memory{budget=%s,policy=%s}"
+    pipeline = "O1,place-memory{budget=%s,%s}"
     try:
-        return oc.compile(model, inputs, pipeline=pipeline % (budget, policy), cache="off", eager_guard=False), budget, ""
+        return oc.compile(model, inputs, pipeline=pipeline % (budget, options), cache="off", eager_guard=False), budget, ""
     except PassError as exc:
         match = re.search(r"minimum feasible budget is (\d+) bytes", str(exc))
         if match is None:
             raise
         minimum = match.group(1)
-        return (oc.compile(model, inputs, pipeline=pipeline % (minimum, policy), cache="off", eager_guard=False),
+        return (oc.compile(model, inputs, pipeline=pipeline % (minimum, options), cache="off", eager_guard=False),
                 minimum, f"{budget} < minimum")
 
 
@@ -102,7 +107,7 @@ def time_variants(variants: dict, inputs, repeats: int, cold: bool) -> dict[str,
 def bench_model(spec: str, repeats: int, modes: list[str]) -> dict:
     model, inputs = model_and_inputs(spec)
     torch.manual_seed(0)
-    variants = {f"{budget} {policy}": _compile(model, inputs, budget, policy) for budget, policy in VARIANTS}
+    variants = {label: _compile(model, inputs, budget, options) for label, budget, options in VARIANTS}
     result = {"model": spec, "modes": {}}
     for mode in modes:
         set_mode(variants, mode)
@@ -120,6 +125,7 @@ def bench_model(spec: str, repeats: int, modes: list[str]) -> dict:
             t = times[label]
             rows.append({"variant": label, "budget": int(stats.get("budget", 0)), "used": used, "note": note,
                          "streamed": int(stats.get("streamed", 0)), "segments": int(stats.get("segments", 0)),
+                         "pipelined": int(stats.get("pipelined", 0)), "arena": stream.pool.arena if stream else None,
                          "pool": int(stats.get("pool_bytes", 0)), "pool_high_water": high, "bytes_moved": moved,
                          "direct": direct / moved if moved else None,
                          "ms": t["seconds"] * 1e3, "slowdown": t["seconds"] / base, "copy_ms": t["copy"] * 1e3,
@@ -136,12 +142,13 @@ def print_result(result: dict) -> None:
     print(f"\n{result['model']}: weights {result['weight_bytes']:,} bytes; activation peak "
           f"{result['activation_peak_reuse']:,} with reuse, {result['activation_peak_no_reuse']:,} without")
     for mode, rows in result["modes"].items():
-        print(f"[{mode}] {'variant':<13}{'budget':>11}{'streamed':>9}{'segs':>5}{'pool':>11}{'pool peak':>11}"
+        print(f"[{mode}] {'variant':<13}{'budget':>11}{'streamed':>9}{'segs':>5}{'piped':>6}{'arena':>6}{'pool':>11}{'pool peak':>11}"
               f"{'moved/call':>12}{'ms':>9}{'slowdown':>9}{'copy ms':>9}{'wait ms':>9}{'hidden':>8}{'direct':>8}  note")
         for r in rows:
             hidden = "" if r["hidden"] is None else f"{r['hidden']:.0%}"
             direct = "" if r["direct"] is None else f"{r['direct']:.0%}"
-            print(f"{'':7}{r['variant']:<13}{r['budget']:>11,}{r['streamed']:>9}{r['segments']:>5}{r['pool']:>11,}"
+            arena = "" if r["arena"] is None else "yes" if r["arena"] else "no"
+            print(f"{'':7}{r['variant']:<13}{r['budget']:>11,}{r['streamed']:>9}{r['segments']:>5}{r['pipelined']:>6}{arena:>6}{r['pool']:>11,}"
                   f"{r['pool_high_water']:>11,}{r['bytes_moved']:>12,}{r['ms']:>9.3f}{r['slowdown']:>8.2f}x"
                   f"{r['copy_ms']:>9.3f}{r['wait_ms']:>9.3f}{hidden:>8}{direct:>8}  {r['note']}")
 

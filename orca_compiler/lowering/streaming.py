@@ -1,5 +1,7 @@
 """The run-time side of place-memory: streamed weights in a memory-mapped file, copied into a
 bounded fast-tier pool by the prefetch ops on a background thread, released after their last use.
+This is the CPU runtime; a program whose TVM partitions are built for CUDA is handed to
+streaming_cuda.bind_cuda (a device arena fed on a side CUDA stream; not run on a GPU yet).
 
 When a partitioned program holds placement ops (orca_compiler/ops/placement.py), `bind`:
 1. writes the weights they read into one file (64-byte aligned, under the cache folder's
@@ -12,12 +14,12 @@ When a partitioned program holds placement ops (orca_compiler/ops/placement.py),
 
 **The pool is one arena** of the pool's capacity, page-aligned anonymous memory allocated once
 (so a call touches no fresh pages), and each streamed weight has a region in it, planned when the
-program is bound (`plan_regions`): the placement ops are one chain that runs in a fixed order, so
-replaying it (allocate at the prefetch, or at the fetch where there is none; free at the release)
-gives regions that never overlap a region still in use, whichever thread copies. Where the chain's
-regions do not fit the capacity (fragmentation, or a wrap-around weight whose slot would have to
-alternate between calls), each copy gets its own page-aligned buffer instead, and
-`stats()["arena"]` says so.
+program is bound (orca_compiler.pool_regions.plan_regions): the placement ops are one chain that
+runs in a fixed order (allocate at the prefetch, or at the fetch where there is none; free at the
+release), so regions planned from it never overlap a region still in use, whichever thread copies.
+Where no layout of the chain's regions fits the capacity (the planner's and a first-fit replay's
+both fragment), each copy gets its own page-aligned buffer instead, and `stats()["arena"]` says so
+(as the pass statistic `arena` predicts).
 
 **Reads need no core.** A copy reads the weight's bytes from the file straight into its region:
 for a weight of at least DIRECT_MIN_BYTES (a direct read is a real I/O, ~100 us here, where a
@@ -151,18 +153,14 @@ class WeightPool:
                 "copy_seconds": self.copy_seconds}
 
 
-class WeightStream:
-    """The placement ops of one program: a pool, a background copier and the pending copies."""
+class WeightFile:
+    """The streamed weights file of a program, read into buffers: its descriptors (buffered, and
+    O_DIRECT where the file system allows), closed with the object. Shared by the CPU stream
+    (WeightStream) and the CUDA one (streaming_cuda.CudaWeightStream, which reads disk-homed
+    weights into pinned staging memory)."""
 
-    def __init__(self, capacity: int, path: str | None = None, offsets: dict[int, int] | None = None,
-                 regions: dict[int, int] | None = None):
-        """`offsets`: a mapped weight's data_ptr -> its byte offset in the file at `path`;
-        `regions`: a data_ptr -> its offset in the pool's arena (plan_regions)."""
-        self.pool = WeightPool(capacity, regions)
-        self.wait_seconds = 0.0
-        self._complete = False  # the last call ran to its last placement op
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: dict[int, Future] = {}
+    def __init__(self, path: str | None = None, offsets: dict | None = None):
+        """`offsets`: a key (a mapped weight's data_ptr, or a name) -> its byte offset in the file at `path`."""
         self._offsets = offsets or {}
         self._fd = self._direct_fd = None
         # the descriptors open now, closed with the stream: one finalizer owns them, so a descriptor
@@ -193,14 +191,10 @@ class WeightStream:
     def direct_io(self) -> bool:
         return self._direct_fd is not None
 
-    def _read(self, weight: torch.Tensor, into: torch.Tensor) -> int:
-        """Fill `into` with `weight`'s bytes, read from the weights file where it came from: the
-        whole pages in the middle with O_DIRECT where `into` and the file agree modulo PAGE, the
-        head and tail (and everything else) buffered. Returns the bytes read directly."""
-        offset = self._offsets.get(weight.data_ptr())
-        if offset is None or self._fd is None:
-            into.copy_(weight)
-            return 0
+    def read_at(self, offset: int, into: torch.Tensor) -> int:
+        """Fill `into` (CPU memory) with its bytes at `offset` in the weights file: the whole pages
+        in the middle with O_DIRECT where `into` and the file agree modulo PAGE, the head and tail
+        (and everything else) buffered. Returns the bytes read directly."""
         view = memoryview(into.view(-1).view(torch.uint8).numpy())
         head = tail = len(view)
         if self._direct_fd is not None and len(view) >= DIRECT_MIN_BYTES and (into.data_ptr() - offset) % PAGE == 0:
@@ -218,14 +212,37 @@ class WeightStream:
         _read_all(self._fd, view[tail:], offset + tail)
         return tail - head
 
-    def _load(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.pool.load(weight, self._read, weight.data_ptr())
-
     def evict(self) -> None:
         """Drop the weights file from the page cache, so the next reads come from the disk."""
         if self._fd is not None:
             os.fsync(self._fd)  # dirty pages (the file was just written) are not dropped
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+class WeightStream(WeightFile):
+    """The placement ops of one program: a pool, a background copier and the pending copies."""
+
+    def __init__(self, capacity: int, path: str | None = None, offsets: dict[int, int] | None = None,
+                 regions: dict[int, int] | None = None):
+        """`offsets`: a mapped weight's data_ptr -> its byte offset in the file at `path`;
+        `regions`: a data_ptr -> its offset in the pool's arena (plan_regions)."""
+        super().__init__(path, offsets)
+        self.pool = WeightPool(capacity, regions)
+        self.wait_seconds = 0.0
+        self._complete = False  # the last call ran to its last placement op
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+
+    def _read(self, weight: torch.Tensor, into: torch.Tensor) -> int:
+        """Fill `into` with `weight`'s bytes, from the weights file where it came from (read_at)."""
+        offset = self._offsets.get(weight.data_ptr())
+        if offset is None or self._fd is None:
+            into.copy_(weight)
+            return 0
+        return self.read_at(offset, into)
+
+    def _load(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.pool.load(weight, self._read, weight.data_ptr())
 
     def reset_counters(self) -> None:
         """Start the pool's counters and the wait time afresh (e.g. per call)."""
@@ -368,13 +385,11 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     nodes = [n for n in parent.graph.nodes if n.op == "call_function" and n.target in PLACEMENT_OPS]
     if not nodes:
         return
-    from ..errors import TargetError
-    from ..runtime import TVMGraphModule
+    kinds = program_kinds(parent)
+    if "cuda" in kinds:  # one target per compile: every TVM partition is built for CUDA
+        from .streaming_cuda import bind_cuda
 
-    kinds = {m.target.kind for m in parent.children() if isinstance(m, TVMGraphModule)}
-    if kinds - {"cpu"}:
-        raise TargetError(f"place-memory streams weights on CPU only; this program is built for {', '.join(sorted(kinds))} "
-                          "(compile without place-memory, or with a budget that keeps every weight resident)")
+        return bind_cuda(parent, source, nodes)
     capacity = max(n.args[2] for n in nodes if n.target in (PREFETCH, FETCH))
     # in the order the program reads them: a segment's weights are one run of the file
     names = list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
@@ -397,6 +412,13 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     nodes[-1].target = stream.end_prefetch if nodes[-1].target == stream.prefetch else stream.end_release
     parent.orca_stream = stream
     weakref.finalize(parent, _remove, path)
+
+
+def program_kinds(parent: fx.GraphModule) -> set[str]:
+    """The device kinds ("cpu", "cuda") the TVM partitions of a program are built for."""
+    from ..runtime import TVMGraphModule
+
+    return {m.target.kind for m in parent.children() if isinstance(m, TVMGraphModule)}
 
 
 def _remove(path: str) -> None:
