@@ -3,8 +3,10 @@ streamed from the slow tier, and where their prefetches go.
 
 **Tiers.** A tier is a name, a capacity and a bandwidth (bytes/s, for reading from it into the
 fastest tier). On CPU there are two: `ram` (capacity: the RAM available now, psutil) and `disk`
-(memory-mapped files; capacity: the free space of the cache folder, bandwidth a conservative
-default, `DISK_BANDWIDTH`, unless measured with `measure_disk_bandwidth`). On CUDA there are
+(memory-mapped files; capacity: the free space of the cache folder). Their bandwidths are the
+conservative constants DISK_BANDWIDTH and RAM_BANDWIDTH, or with ORCA_MEASURE_BANDWIDTH=1 measured
+once per machine and remembered (orca_compiler/bandwidth.py, which says why that is not the
+default). On CUDA there are
 three (`cuda_tiers`): `device` (GPU memory), `host` (pinned RAM, PCIe bandwidth) and `disk`;
 `default_tiers` picks by the compile target. The pipeline option `tiers=ram:16G@20G;disk:1T@1G`
 replaces the defaults (capacity@bandwidth per second).
@@ -57,18 +59,19 @@ import dataclasses
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from .bandwidth import machine_bandwidths
 from .errors import PassInputError
 from .ir import GraphIR
 from .memory_plan import liveness
 
-# Conservative defaults where nothing is measured: a SATA-class SSD read, one socket's DRAM, and
-# a few cores' fp32 GEMM rate. Only the ratios matter to the plan.
+# Conservative defaults where nothing is measured (bandwidth.py can measure the first two): a
+# SATA-class SSD read, one socket's DRAM, and a few cores' fp32 GEMM rate. Only the ratios matter
+# to the plan.
 DISK_BANDWIDTH = 500e6
 RAM_BANDWIDTH = 10e9
 COMPUTE_FLOPS = 50e9
@@ -78,11 +81,20 @@ PCIE_BANDWIDTH = 12e9
 # weights ran 0.3 ms slower than streaming 4 (~75 us each); at 20 us the planner chose those 8.
 # It keeps small weights resident first.
 COPY_OVERHEAD = 60e-6
-# What one more cut between segments costs: a call into TVM, and the fusion across it.
-SEGMENT_OVERHEAD = 20e-6
+# What one more cut between segments costs: a call into TVM, the fusion across it, and the host
+# ops around it. Measured in tools/bench_placement.py: zoo resnet at 25% cut into 12 segments (7
+# prefetches) ran 0.36 ms slower than cut into 5 (none); at 20 us the planner chose the 12.
+SEGMENT_OVERHEAD = 50e-6
 # A prefetch pays only if this much compute runs between it and its fetch: handing a copy to the
 # background thread and back costs tens of microseconds, and the copy takes a core from the kernels.
 PREFETCH_MIN_OVERLAP = 200e-6
+# What a prefetch costs the main thread even where its copy is hidden: handing the copy to the
+# background thread and taking it back (HANDOFF), and the share of the copy's time by which it slows
+# the kernels running beside it (CONTENTION: it takes a core, or the VM's I/O path, from them).
+# Measured in tools/bench_placement.py on mlp:512 at 50%, direct reads: the compute beside 6.6 ms
+# of background copies took ~2 ms longer than the same blocks' compute without them.
+PREFETCH_HANDOFF = 30e-6
+PREFETCH_CONTENTION = 0.3
 # A streamed weight takes a region of the pool that starts on this boundary (the alignment TVM's
 # kernels and torch's allocator give a tensor), so the pool counts its bytes rounded up to it.
 POOL_ALIGNMENT = 64
@@ -99,7 +111,8 @@ class Tier:
 
 
 def cpu_tiers() -> list[Tier]:
-    """`ram` and `disk` as this machine has them (fastest first)."""
+    """`ram` and `disk` as this machine has them (fastest first): capacities read now; bandwidths
+    the constants, or measured once per machine with ORCA_MEASURE_BANDWIDTH=1 (bandwidth.py)."""
     from .cache_dir import cache_dir
 
     try:
@@ -109,7 +122,8 @@ def cpu_tiers() -> list[Tier]:
     except ImportError:  # psutil is a dependency, but a bare install still plans
         ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     disk = shutil.disk_usage(cache_dir()).free
-    return [Tier("ram", ram, RAM_BANDWIDTH), Tier("disk", int(disk), DISK_BANDWIDTH)]
+    measured = machine_bandwidths()
+    return [Tier("ram", ram, measured.get("ram", RAM_BANDWIDTH)), Tier("disk", int(disk), measured.get("disk", DISK_BANDWIDTH))]
 
 
 def cuda_tiers(device: int = 0) -> list[Tier]:
@@ -124,23 +138,6 @@ def cuda_tiers(device: int = 0) -> list[Tier]:
 def default_tiers(target_kind: str = "cpu") -> list[Tier]:
     """The tiers of the machine for a compile target kind: `cuda_tiers()` for "cuda", else `cpu_tiers()`."""
     return cuda_tiers() if target_kind == "cuda" else cpu_tiers()
-
-
-def measure_disk_bandwidth(megabytes: int = 64) -> float:
-    """Bytes/s of reading a fresh file of `megabytes` through a memory map (the page cache may
-    serve it: an upper bound for cold reads)."""
-    from .cache_dir import cache_dir
-
-    path = cache_dir() / f"disk-probe-{os.getpid()}.bin"
-    data = torch.ones(megabytes << 18)
-    try:
-        data.numpy().tofile(path)
-        mapped = torch.from_file(str(path), shared=False, size=data.numel(), dtype=torch.float32)
-        t0 = time.perf_counter()
-        mapped.clone()
-        return data.nbytes / (time.perf_counter() - t0)
-    finally:
-        path.unlink(missing_ok=True)
 
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*$")
@@ -409,7 +406,8 @@ def _replay(plan: Placement, bandwidth: float) -> tuple[float, dict[str, float]]
     """(seconds of one call, the wait at each fetch): ops one after another; prefetched copies one
     at a time beside them, the others on the main thread at their fetch; a wrap-around copy waited
     for only by what the previous call's tail did not hide; plus the fixed costs of each streamed
-    weight and of each cut between segments."""
+    weight, of each cut between segments and of each prefetch (PREFETCH_HANDOFF, and
+    PREFETCH_CONTENTION of the time its copy runs beside the kernels)."""
     clock = 0.0
     copies_free = 0.0
     waits: dict[str, float] = {}
@@ -418,10 +416,13 @@ def _replay(plan: Placement, bandwidth: float) -> tuple[float, dict[str, float]]
     ready = {name: max(0.0, seconds_of[name] - sum(plan.op_seconds[plan.prefetch_at[name]:]))
              for name in wrapped}
     by_prefetch = sorted(((n, s) for n, s in plan.prefetch_at.items() if n not in wrapped), key=lambda item: item[1])
+    # a hidden copy is not free: the hand-off, and the kernels slowed beside it
+    clock += sum(PREFETCH_HANDOFF + PREFETCH_CONTENTION * (seconds_of[name] - ready[name]) for name in wrapped)
     for step, seconds in enumerate(plan.op_seconds):
         for name, _ in [item for item in by_prefetch if item[1] == step]:
             copies_free = max(clock, copies_free) + seconds_of[name]
             ready[name] = copies_free
+            clock += PREFETCH_HANDOFF + PREFETCH_CONTENTION * seconds_of[name]
         for w in plan.streamed:
             if plan.fetch_at[w.name] == step:
                 done = max(clock, ready[w.name]) if w.name in ready else clock + seconds_of[w.name]

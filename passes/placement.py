@@ -44,8 +44,8 @@ from orca_compiler.ops import fused
 from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
 from orca_compiler.ops.pointwise import POINTWISE, arguments
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from orca_compiler.placement import (Placement, Tier, default_tiers, parse_budget, parse_tiers, placement_chain,
-                                     plan_with_homes, tensor_anchor, tier_bytes)
+from orca_compiler.placement import (PREFETCH_MIN_OVERLAP, Placement, Tier, default_tiers, parse_budget, parse_tiers,
+                                     placement_chain, plan_with_homes, tensor_anchor, tier_bytes)
 from orca_compiler.pool_regions import regions_fit
 
 aten = torch.ops.aten
@@ -295,8 +295,10 @@ def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placemen
     its layer into 2, 4 or 8 blocks, so that the first block's copy is all that waits and each
     next block's is prefetched behind the blocks before it. A split is kept only where the plan's
     estimate (which counts COPY_OVERHEAD per block and SEGMENT_OVERHEAD per cut) drops by more
-    than 2%; the largest wait is tried first, at most `tries` times. Returns the IR (a split copy of
-    `ir`, or `ir` itself), its plan and how many layers were split."""
+    than 2% and by PREFETCH_MIN_OVERLAP at least (the estimate's copies and ops are rough: a split
+    of a sub-millisecond model saves less than its extra ops and cuts cost); the largest wait is
+    tried first, at most `tries` times. Returns the IR (a split copy of `ir`, or `ir` itself), its
+    plan and how many layers were split."""
     from orca_compiler.placement import stalls
 
     split, refused = 0, set()
@@ -320,7 +322,8 @@ def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placemen
                 continue
             if best is None or trial_plan.estimated_seconds < best[1].estimated_seconds:
                 best = (trial, trial_plan)
-        if best is None or best[1].estimated_seconds >= 0.98 * plan.estimated_seconds:
+        if best is None or best[1].estimated_seconds > min(0.98 * plan.estimated_seconds,
+                                                           plan.estimated_seconds - PREFETCH_MIN_OVERLAP):
             refused.add(name)
             continue
         (ir, plan), split = best, split + 1

@@ -22,6 +22,10 @@ os.environ.setdefault("ORCA_COMPILE_CACHE", "off")
 # which the guard may replace by eager PyTorch on a noisy machine. tests/test_eager_guard.py
 # turns it on.
 os.environ.setdefault("ORCA_EAGER_GUARD", "off")
+# Plans use the constant tier bandwidths (the default), not ones measured on the machine running the
+# suite (orca_compiler/bandwidth.py, opt-in): a test of a plan must not depend on the disk.
+# tests/test_placement.py measures them in a test of its own.
+os.environ["ORCA_MEASURE_BANDWIDTH"] = "0"
 
 RTOL = 1e-4
 ATOL = 1e-5

@@ -159,14 +159,15 @@ def test_pipelining_splits_the_copy_nothing_hides():
     """mlp:512 at 50%: no compute precedes the 2 MB first layer, and the pool has no room to
     prefetch it in the previous call's tail. Without pipelining the call waits for its whole copy;
     with it, the layer is split into blocks whose copies overlap the blocks before them, the first
-    block is smaller than the layer, and the estimated wait drops."""
+    block is smaller than the layer, and the estimated stall drops (8.0 to 4.5 ms; the rest is the
+    fixed costs of streaming, which both plans pay)."""
     off_ir, off = _ir("mlp", "O1,place-memory{budget=50%,pipeline=false}", rows=512)
     on_ir, on = _ir("mlp", "O1,place-memory{budget=50%}", rows=512)
     off, on = off[-1].stats, on[-1].stats
     assert off["pipelined"] == 0 and on["pipelined"] >= 1
     assert _first_fetched_bytes(off_ir) == 512 * 1024 * 4  # the whole first layer
     assert _first_fetched_bytes(on_ir) < 512 * 1024 * 4
-    assert on["est_stall_us"] < off["est_stall_us"] / 2
+    assert on["est_stall_us"] < 0.7 * off["est_stall_us"]
     assert on["bytes_moved"] <= off["bytes_moved"]  # the same weights, in blocks (a block's bias may stay resident)
     # naive plans have nothing to overlap: never pipelined
     assert _ir("mlp", "O1,place-memory{budget=50%,policy=naive}", rows=512)[1][-1].stats["pipelined"] == 0
@@ -187,16 +188,47 @@ def test_pipelined_model_matches_eager_on_onednn_with_streamed_weights(pipeline)
     _check_streamed("mlp", "50%", pipeline=pipeline, model_inputs=(model, inputs), arena=False)
 
 
+def test_tier_bandwidths_can_be_measured_once_and_remembered(tmp_path, monkeypatch):
+    """With ORCA_MEASURE_BANDWIDTH=1 the default CPU tiers take the disk's and RAM's bandwidths
+    from a probe run once per machine and recorded in the cache folder; a corrupt record is
+    measured afresh; off (the default), the constants."""
+    from orca_compiler import bandwidth
+    from orca_compiler.placement import DISK_BANDWIDTH, cpu_tiers
+
+    monkeypatch.setenv("ORCA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ORCA_MEASURE_BANDWIDTH", "1")
+    first = bandwidth.machine_bandwidths()
+    assert first["disk"] > 10e6 and first["ram"] > 100e6  # a probe of 32 MB that really read
+    assert (tmp_path / bandwidth.FILE_NAME).exists()
+    assert not list(tmp_path.glob("bandwidth-probe-*"))  # the probe file is gone
+
+    def must_not_measure(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bandwidth, "measure_disk", must_not_measure)
+    assert bandwidth.machine_bandwidths() == first
+    assert cpu_tiers()[1].bandwidth == first["disk"] and cpu_tiers()[0].bandwidth == first["ram"]
+    (tmp_path / bandwidth.FILE_NAME).write_text("{not json")
+    monkeypatch.setattr(bandwidth, "measure_disk", lambda folder: 123e6)
+    assert bandwidth.machine_bandwidths()["disk"] == 123e6
+    monkeypatch.setenv("ORCA_MEASURE_BANDWIDTH", "0")
+    assert bandwidth.machine_bandwidths() == {} and cpu_tiers()[1].bandwidth == DISK_BANDWIDTH
+
+
 def test_prefetch_is_left_out_where_it_would_overlap_too_little_compute():
     """Where the ops between a prefetch and its fetch take microseconds, a background copy would
     cost more than it hides: the weight is read when its segment starts, as with policy=naive."""
-    from orca_compiler.placement import cpu_tiers, plan_placement
+    from orca_compiler.placement import Tier, cpu_tiers, plan_placement
 
     ir = _ir("transformer", "O1")[0]
     steps, budget = len(ir.compute_nodes()), ir.weight_bytes() // 2
     quick = plan_placement(ir, budget, cpu_tiers(), "prefetch", ops=[1e-7] * steps)
     assert quick.streamed and not quick.prefetch_at
-    slow = plan_placement(ir, budget, cpu_tiers(), "prefetch", ops=[1e-3] * steps)
+    # milliseconds of compute per op and a 50 MB/s disk (its 262 KB after the embedding wait 5 ms
+    # unprefetched): prefetching ahead pays for its hand-offs, contention and cuts
+    ram, disk = cpu_tiers()
+    slow_disk = [ram, Tier("disk", disk.capacity, 50e6)]
+    slow = plan_placement(ir, budget, slow_disk, "prefetch", ops=[1e-3] * steps)
     ahead = [n for n in slow.prefetch_at if n not in slow.wrapped]
     assert ahead and all(slow.prefetch_at[n] < slow.fetch_at[n] for n in ahead)
     # any wrap-around prefetch (none here: the embedding does not fit beside the last segment's weights)

@@ -96,6 +96,7 @@ class WeightPool:
         self.copy_seconds = 0.0
         self._cond = threading.Condition()
         self._regions = regions or {}
+        self._views: dict = {}  # a key's region as a tensor of its weight's dtype and shape
         self._arena = None
         if self._regions:
             self._mmap = mmap.mmap(-1, max(capacity, 1))  # anonymous: page-aligned, zero-filled
@@ -115,12 +116,16 @@ class WeightPool:
             self._cond.wait_for(lambda: self.used + nbytes <= self.capacity)
             self.used += nbytes
             self.high_water = max(self.high_water, self.used)
+        region = self._views.get(key)
+        if region is not None:  # the same region every call: its view is made once
+            return region
         offset = self._regions.get(key) if self._arena is not None else None
         if offset is None:  # a buffer of its own, page-aligned for direct reads
             raw = torch.empty(_nbytes(like) + PAGE, dtype=torch.uint8)
             start = -raw.data_ptr() % PAGE
             return raw[start:start + _nbytes(like)].view(like.dtype).reshape(like.shape)
-        return self._arena[offset:offset + _nbytes(like)].view(like.dtype).reshape(like.shape)
+        region = self._views[key] = self._arena[offset:offset + _nbytes(like)].view(like.dtype).reshape(like.shape)
+        return region
 
     def free(self, tensor: torch.Tensor) -> None:
         with self._cond:
