@@ -253,6 +253,9 @@ def write(compiled, directory: Path, extra: dict | None = None) -> dict:
                     "unsupported": artifact.unsupported, "externs": [list(e) for e in artifact.externs]},
         "nodes": [n.name for n in ir.graph.nodes],
         "origins": {n.name: n.meta["orca_origin"] for n in ir.graph.nodes if "orca_origin" in n.meta},
+        # e.g. {tier=host}: where place-memory homed a weight (the CUDA runtime reads it when bound)
+        "annotations": {n.name: {k: str(v) for k, v in n.meta["orca_annotations"].items()}
+                        for n in ir.graph.nodes if n.meta.get("orca_annotations")},
         "signature": _signature_json(compiled.signature),
         "in_spec": pytree.treespec_dumps(compiled.in_spec) if compiled.in_spec is not None else None,
         "out_spec": pytree.treespec_dumps(compiled.out_spec) if compiled.out_spec is not None else None,
@@ -385,9 +388,12 @@ def _restore_order(ir, meta: dict) -> None:
             output.prepend(node)
     graph.lint()
     origins = meta.get("origins") or {}
+    annotations = meta.get("annotations") or {}
     for node in graph.nodes:
         if node.name in origins:
             node.meta["orca_origin"] = origins[node.name]
+        if node.name in annotations:
+            node.meta["orca_annotations"] = dict(annotations[node.name])
     ir.recompile()
 
 

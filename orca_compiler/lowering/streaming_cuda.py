@@ -5,10 +5,10 @@ bookkeeping runs in tests/test_placement_cuda.py against a fake device); tools/g
 is the check to run where a GPU is lent.
 
 `streaming.bind` hands a program over here when its TVM partitions are built for CUDA. `bind_cuda`:
-1. plans each streamed weight's region in the arena with `pool_regions.plan_regions` (the same
-   replay of the placement chain as on CPU) and reads each weight's home from its get_attr's
-   `tier` annotation (place-memory: `host` or `disk`; a weight without one, e.g. in a program
-   loaded from disk, whose annotations are not saved, is homed on disk);
+1. plans each streamed weight's region in the arena with `pool_regions.plan_regions` (from the
+   placement chain, as on CPU) and reads each weight's home from its get_attr's
+   `tier` annotation (place-memory: `host` or `disk`, kept when a program is saved; a weight
+   without one is homed on disk);
 2. writes the disk-homed weights into one file (`streaming.map_weights`) and puts the mapped
    tensors in place of them, and the host-homed ones as CPU tensors (moved off the device if the
    model was there), in the program and in the IR;
