@@ -41,6 +41,7 @@ from orca_compiler.errors import PassInputError
 from orca_compiler.ir import GraphIR
 from orca_compiler.memory_plan import storage_of, is_view, liveness, plan_activations
 from orca_compiler.ops import fused
+from orca_compiler.ops import quant as quant_ops
 from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
 from orca_compiler.ops.pointwise import POINTWISE, arguments
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
@@ -129,7 +130,8 @@ class SplitRule:
     of the weight, concatenated along the result's `out_dim`.
 
     `weight_dim` is the weight's dim of output units (linear rows, embedding columns, conv output
-    channels); the bias, if any, is sliced along its dim 0 with it. `sliced` names arguments cut
+    channels); the bias, if any, and the `per_unit` weights (a quantized linear's scales) are
+    sliced along their dim 0 with it. `sliced` names arguments cut
     like the result (an epilogue's residual, added per block). `refuse(args)` says why an op may not
     be split (grouped convs, whose blocks would each read a slice of the input's channels), or None.
     Each block computes the same dot products as the whole, so results are equal up to summation
@@ -140,6 +142,8 @@ class SplitRule:
     unit: str  # names the blocks: %linear_rows0, %embedding_cols16, ...
     sliced: tuple[str, ...] = ()
     refuse: Callable[[dict], str | None] = lambda args: None
+    weight_arg: str = "weight"  # the argument holding the weight ("qweight" for quantized ops)
+    per_unit: tuple[str, ...] = ()  # weights with one row per unit, sliced like the bias (scales)
 
 
 def _grouped(args: dict) -> str | None:
@@ -165,6 +169,10 @@ SPLIT_RULES: dict[Callable, SplitRule] = {
     aten.convolution.default: _CONV,
     fused.CONV_EPILOGUE: SplitRule(0, 1, "channels", sliced=("residual",),
                                    refuse=lambda args: _grouped(args) or _not_elementwise(args)),
+    # quantized linears: int8 / packed int4 rows with their per-row (or per-row-group) scales; a
+    # dynamic linear's smoothing factor is per input column, shared by the blocks as it is
+    quant_ops.LINEAR_WQ: SplitRule(0, -1, "rows", weight_arg="qweight", per_unit=("scales",)),
+    quant_ops.LINEAR_DQ: SplitRule(0, -1, "rows", weight_arg="qweight", per_unit=("wscale",)),
 }
 
 
@@ -183,11 +191,12 @@ def splittable(weight: fx.Node) -> tuple[fx.Node, SplitRule] | str:
     if rule is None:
         return f"%{op.name} ({op.target}) has no split rule"
     args = arguments(op)
-    if args["weight"] is not weight:
+    if args[rule.weight_arg] is not weight:
         return f"%{weight.name} is not the weight of %{op.name}"
-    bias = args.get("bias")
-    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
-        return f"the bias of %{op.name} is not a weight of its own"
+    for name in ("bias", *rule.per_unit):
+        value = args.get(name)
+        if value is not None and (not isinstance(value, fx.Node) or value.op != "get_attr" or len(value.users) != 1):
+            return f"the {name} of %{op.name} is not a weight of its own"
     for name in rule.sliced:
         value = args.get(name)
         if value is not None and tuple(value.meta["val"].shape) != tuple(op.meta["val"].shape):
@@ -200,7 +209,7 @@ def split_op(ir: GraphIR, op: fx.Node, rule: SplitRule, blocks: int) -> None:
     """op(.., W, b, ..) -> cat([op(.., W[units_i], b[units_i], ..) for each block], out_dim): each
     block's weight streams on its own, so one layer can be larger than the pool."""
     args = arguments(op)
-    weight = ir.weight(args["weight"])
+    weight = ir.weight(args[rule.weight_arg])
     units = weight.shape[rule.weight_dim]
     out_rank = op.meta["val"].dim()
     origin = op.meta.get("orca_split_of", op.name)
@@ -208,11 +217,11 @@ def split_op(ir: GraphIR, op: fx.Node, rule: SplitRule, blocks: int) -> None:
     with ir.graph.inserting_before(op):
         for i in range(blocks):  # sizes differ by at most one unit
             start, end = i * units // blocks, (i + 1) * units // blocks
-            new = {"weight": ir.add_weight(f"{args['weight'].target}_{rule.unit}{start}",
-                                           weight.narrow(rule.weight_dim, start, end - start).clone())}
-            if args.get("bias") is not None:
-                new["bias"] = ir.add_weight(f"{args['bias'].target}_{rule.unit}{start}",
-                                            ir.weight(args["bias"])[start:end].clone())
+            new = {rule.weight_arg: ir.add_weight(f"{args[rule.weight_arg].target}_{rule.unit}{start}",
+                                                  weight.narrow(rule.weight_dim, start, end - start).clone())}
+            for name in ("bias", *rule.per_unit):
+                if args.get(name) is not None:
+                    new[name] = ir.add_weight(f"{args[name].target}_{rule.unit}{start}", ir.weight(args[name])[start:end].clone())
             for name in rule.sliced:
                 if args.get(name) is not None:
                     new[name] = ir.create_node(aten.slice.Tensor, (args[name], rule.out_dim % out_rank, start, end),

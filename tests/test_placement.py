@@ -188,6 +188,59 @@ def test_pipelined_model_matches_eager_on_onednn_with_streamed_weights(pipeline)
     _check_streamed("mlp", "50%", pipeline=pipeline, model_inputs=(model, inputs), arena=False)
 
 
+@pytest.mark.parametrize("mode", ["weight-only", "dynamic"])
+def test_quantized_weights_stream_and_match_the_resident_program(mode):
+    """Quantized weights stream like float ones. The int8 embedding table, fetched at run time,
+    is read by the same TVM gather-and-dequantize kernel as a constant one (no fallback), and the
+    streamed program equals the quantized program that keeps every weight resident."""
+    model, inputs = zoo.get("transformer")
+    resident = orca_compiler.compile(model, inputs, pipeline=f"O2,quantize{{mode={mode}}}")
+    streamed = orca_compiler.compile(model, inputs, pipeline=f"O2,quantize{{mode={mode}}},place-memory{{budget=50%}}")
+    ir = str(streamed.ir)
+    assert re.search(r"%fetch_embed_weight_q8\w* = orca.fetch", ir), "the int8 table is streamed"
+    assert streamed.report.fallbacks == []
+    torch.testing.assert_close(streamed(*inputs), resident(*inputs), rtol=1e-5, atol=1e-5)
+    stream = stream_of(streamed)
+    stream.settle()
+    stream.pool.reset_counters()
+    streamed(*inputs)
+    assert stream.pool.bytes_moved == streamed.report.passes[-1].stats["bytes_moved"]
+    assert stream.pool.high_water <= stream.pool.capacity
+
+
+@pytest.mark.parametrize("mode", ["weight-only", "dynamic"])
+def test_quantized_linears_split_into_row_blocks_with_their_scales(mode):
+    """A quantized linear larger than the budget splits like a float one: int8 rows with their
+    per-row scales and bias (a dynamic linear's smoothing factor, per input column, is shared). At
+    25% the zoo mlp's quantized 1024x1024 linear does not fit whole; split, the program equals the
+    quantized program that keeps every weight resident."""
+    from orca_compiler.ops.quant import LINEAR_DQ, LINEAR_WQ
+
+    model, inputs = zoo.get("mlp")
+    with pytest.raises(PassError, match="minimum feasible budget"):
+        _ir("mlp", f"O1,quantize{{mode={mode}}},place-memory{{budget=25%,split=false}}")
+    ir, records = _ir("mlp", f"O1,quantize{{mode={mode}}},place-memory{{budget=25%}}")
+    assert records[-1].stats["split"] >= 1
+    op = LINEAR_WQ if mode == "weight-only" else LINEAR_DQ
+    blocks = [n for n in ir.compute_nodes() if n.target is op and "_rows" in n.name]
+    assert len(blocks) >= 2
+    for block in blocks:  # each block's scales have one row per row of its int8 weight
+        qweight, scales = block.args[1], block.args[2]
+        rows = qweight.meta["val"].shape[0]
+        assert scales.meta["val"].shape[0] == rows and "_rows" in (qweight.target if qweight.op == "get_attr"
+                                                                  else qweight.args[0].target)
+    resident = orca_compiler.compile(model, inputs, pipeline=f"O1,quantize{{mode={mode}}}")
+    streamed = orca_compiler.compile(model, inputs, pipeline=f"O1,quantize{{mode={mode}}},place-memory{{budget=25%}}")
+    torch.testing.assert_close(streamed(*inputs), resident(*inputs), rtol=1e-5, atol=1e-5)
+    stream, stats = stream_of(streamed), streamed.report.passes[-1].stats
+    stream.settle()
+    stream.pool.reset_counters()
+    torch.testing.assert_close(streamed(*inputs), resident(*inputs), rtol=1e-5, atol=1e-5)
+    stream.settle()
+    assert stream.pool.bytes_moved == stats["bytes_moved"] and 0 < stream.pool.high_water <= stream.pool.capacity
+    assert stats["resident_bytes"] + stream.pool.capacity <= stats["budget"]
+
+
 def test_tier_bandwidths_can_be_measured_once_and_remembered(tmp_path, monkeypatch):
     """With ORCA_MEASURE_BANDWIDTH=1 the default CPU tiers take the disk's and RAM's bandwidths
     from a probe run once per machine and recorded in the cache folder; a corrupt record is

@@ -151,14 +151,21 @@ def _embedding_wq_te(w, scales, indices, *, bits: int, cols: int):
     return te.compute((*shape, cols), value, name="embedding")
 
 
-def convert_embedding_wq(node: fx.Node, importer):
-    """orca.embedding_wq -> gather and dequantize in one kernel."""
+def _const_or_input(importer, node: fx.Node):
+    """A weight as a Relax constant, or the run-time value where it is not one (a weight that
+    place-memory streams is fetched into the pool at run time)."""
     from tvm import relax as rx
 
+    weights = getattr(importer, "weights", {})
+    return rx.const(weights[node.name].numpy()) if node.name in weights else importer.env[node]
+
+
+def convert_embedding_wq(node: fx.Node, importer):
+    """orca.embedding_wq -> gather and dequantize in one kernel; the table and scales may be
+    constants or run-time values (streamed by place-memory): the kernel reads them as they are."""
     qweight, scales, indices, bits = node.args
-    weight = _const(importer, qweight, "table")
     cols = node.meta["val"].shape[-1]
-    operands = [rx.const(weight.numpy()), rx.const(_const(importer, scales, "scale").numpy()), importer.env[indices]]
+    operands = [_const_or_input(importer, qweight), _const_or_input(importer, scales), importer.env[indices]]
     return importer.block_builder.emit_te(functools.partial(_embedding_wq_te, bits=bits, cols=cols), *operands,
                                           primfunc_name_hint=kernel_name("orca_embedding_wq"))
 
