@@ -388,13 +388,18 @@ def _restore_order(ir, meta: dict) -> None:
             output.prepend(node)
     graph.lint()
     origins = meta.get("origins") or {}
-    annotations = meta.get("annotations") or {}
     for node in graph.nodes:
         if node.name in origins:
             node.meta["orca_origin"] = origins[node.name]
+    ir.recompile()
+
+
+def _restore_annotations(ir, meta: dict) -> None:
+    """Put back the nodes' printed annotations (place-memory's {tier=...}) that `save` recorded."""
+    annotations = meta.get("annotations") or {}
+    for node in ir.graph.nodes:
         if node.name in annotations:
             node.meta["orca_annotations"] = dict(annotations[node.name])
-    ir.recompile()
 
 
 def _load_ir(directory: Path, meta: dict):
@@ -414,6 +419,7 @@ def _load_ir(directory: Path, meta: dict):
                             "are the model's custom ops imported?") from None
         ir.in_spec = pytree.treespec_loads(meta["in_spec"]) if meta.get("in_spec") else None
         ir.out_spec = pytree.treespec_loads(meta["out_spec"]) if meta.get("out_spec") else None
+        _restore_annotations(ir, meta)
         return ir
     data = _verified_bytes(directory, IR_FILE, meta)
     try:
@@ -425,6 +431,7 @@ def _load_ir(directory: Path, meta: dict):
                         "(are the model's custom ops imported?)") from None
     ir = from_exported_program(ep)
     _restore_order(ir, meta)
+    _restore_annotations(ir, meta)
     ir.in_spec = pytree.treespec_loads(meta["in_spec"]) if meta.get("in_spec") else None
     ir.out_spec = pytree.treespec_loads(meta["out_spec"]) if meta.get("out_spec") else None
     return ir
