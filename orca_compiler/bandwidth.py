@@ -74,7 +74,7 @@ def measure_disk(folder, nbytes: int = PROBE_BYTES) -> float:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        return max(_read_seconds_inverse(path, nbytes) for _ in range(2))
+        return max(_read_rate(path, nbytes) for _ in range(2))
     finally:
         try:
             os.unlink(path)
@@ -82,7 +82,8 @@ def measure_disk(folder, nbytes: int = PROBE_BYTES) -> float:
             pass
 
 
-def _read_seconds_inverse(path: str, nbytes: int) -> float:
+def _read_rate(path: str, nbytes: int) -> float:
+    """Bytes/s of one pass reading `path` from the disk in CHUNK reads (O_DIRECT where allowed)."""
     buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
     view = memoryview(buffer)
     try:

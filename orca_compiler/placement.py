@@ -561,5 +561,6 @@ def plan_with_homes(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "
     plan = plan_placement(ir, budget, tiers, policy, ops)
     if plan.streamed:
         plan.home = assign_homes(plan)
-        plan.estimated_seconds = _timeline(plan, tiers[-1].bandwidth)
+        if len(tiers) > 2:  # with two, every home is the last tier: the estimate already used it
+            plan.estimated_seconds = _timeline(plan, tiers[-1].bandwidth)
     return plan

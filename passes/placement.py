@@ -400,11 +400,13 @@ def insert_streaming(ir: GraphIR, plan: Placement) -> None:
     for w in plan.streamed:  # a pass may have created the weight mid-graph (fold-bn): prefetches may come earlier
         nodes[0].prepend(w.node)
     chain: list[fx.Node] = []  # the previous placement op: every one takes it, so their order is kept
-    tokens, fetched, ancestors = {}, {}, {}
+    tokens, fetched, ancestors, anchors = {}, {}, {}, {}
     for step, kind, w in placement_chain(plan):
         before = nodes[step] if step < len(nodes) else ir.output_node()
         # the latest tensor computed before this step: a prefetch is not issued before it exists
-        anchor = next((n for n in reversed(nodes[:step]) if isinstance(n.meta.get("val"), torch.Tensor)), None)
+        if step not in anchors:
+            anchors[step] = next((n for n in reversed(nodes[:step]) if isinstance(n.meta.get("val"), torch.Tensor)), None)
+        anchor = anchors[step]
         with ir.graph.inserting_before(before):
             if kind == "prefetch":
                 deps = chain[-1:] + ([anchor] if anchor is not None else [])

@@ -272,9 +272,8 @@ def _epilogue_fits_mkldnn(node: fx.Node) -> bool:
         return False  # oneDNN's pointwise convolution is 2-d
     constants = [a["weight"]] + ([a["bias"]] if a["bias"] is not None else [])
     # a linear's weight and bias may be streamed (fetched at run time): oneDNN takes them per call
-    bound = (lambda c: c.op == "get_attr" or _streamed(c)) if node.target is fused.LINEAR_EPILOGUE else (
-        lambda c: c.op == "get_attr")
-    if not all(isinstance(c, fx.Node) and bound(c) for c in constants):
+    per_call = node.target is fused.LINEAR_EPILOGUE
+    if not all(isinstance(c, fx.Node) and (c.op == "get_attr" or (per_call and _streamed(c))) for c in constants):
         return False
     if not isinstance(a["x"], fx.Node) or a["x"].op == "get_attr" or not _all_float32_cpu(node):
         return False
@@ -333,27 +332,24 @@ def _make_mkldnn_conv_epilogue(node, args, kwargs):
 def _make_mkldnn_linear_epilogue(node, args, kwargs):
     """oneDNN's inner product with the activation as a post-op, or with the residual add as a
     binary post-op (which takes no unary one: the activation then runs in place in torch)."""
-    bind = _binder(args, kwargs)
     a = dict(zip((arg.name for arg in fused.LINEAR_EPILOGUE._schema.arguments), args))
+    if isinstance(a["weight"], torch.Tensor):  # a constant; a streamed one (a slot) is filled per call
+        args = (args[0], a["weight"].contiguous(), *args[2:])
+    bind = _binder(args, kwargs)
     linear = torch.ops.mkldnn._linear_pointwise
-    if isinstance(a["weight"], _Slot) or isinstance(a["bias"], _Slot):  # streamed: passed per call
-        weight_and_bias = lambda filled: (filled[1], filled[2])  # noqa: E731
-    else:
-        constants = (a["weight"].contiguous(), a["bias"])
-        weight_and_bias = lambda filled: constants  # noqa: E731
     if not isinstance(a["residual"], (_Slot, torch.Tensor)):
         attr, scalars, algorithm = _onednn_post_op(a["activation"], a["act_args"])
 
         def run(*activations):
             filled = bind(activations)[0]
-            return linear(filled[0], *weight_and_bias(filled), attr, scalars, algorithm)
+            return linear(filled[0], filled[1], filled[2], attr, scalars, algorithm)
 
         return run
     after = _then_activation(a["activation"], a["act_args"])
 
     def run_binary(*activations):
         filled = bind(activations)[0]
-        return after(linear.binary(filled[0], filled[3], *weight_and_bias(filled), "add"))
+        return after(linear.binary(filled[0], filled[3], filled[1], filled[2], "add"))
 
     return run_binary
 

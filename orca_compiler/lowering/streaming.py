@@ -395,9 +395,7 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
         from .streaming_cuda import bind_cuda
 
         return bind_cuda(parent, source, nodes)
-    capacity = max(n.args[2] for n in nodes if n.target in (PREFETCH, FETCH))
-    # in the order the program reads them: a segment's weights are one run of the file
-    names = list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
+    capacity, names = pool_and_weights(nodes)
     weights = {name: getattr(parent, name) for name in names}
     events = placement_events(nodes, {name: _nbytes(w) for name, w in weights.items()})
     regions = plan_regions(events, capacity) or {}
@@ -409,14 +407,26 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
             _swap_buffer(source, name, view)
     stream = WeightStream(capacity, path, {views[name].data_ptr(): offsets[name] for name in names},
                           {views[name].data_ptr(): offset for name, offset in regions.items()})
+    attach(parent, nodes, stream)
+    weakref.finalize(parent, _remove, path)
+
+
+def pool_and_weights(nodes: list[fx.Node]) -> tuple[int, list[str]]:
+    """(the pool's capacity, the streamed weights' names in the order the chain reads them: a
+    segment's weights are one run of the file) of a program's placement nodes."""
+    capacity = max(n.args[2] for n in nodes if n.target in (PREFETCH, FETCH))
+    return capacity, list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
+
+
+def attach(parent: fx.GraphModule, nodes: list[fx.Node], stream) -> None:
+    """Point the placement nodes (in chain order) at `stream`'s prefetch / fetch / release; the
+    first and last of a call at its begin_* / end_* variants; keep the stream on `parent`."""
     calls = {PREFETCH: stream.prefetch, FETCH: stream.fetch, RELEASE: stream.release}
     for node in nodes:
         node.target = calls[node.target]
-    # nodes[0] and nodes[-1] are the first and last placement ops of a call (chained in this order)
     nodes[0].target = stream.begin_prefetch if nodes[0].target == stream.prefetch else stream.begin_fetch
     nodes[-1].target = stream.end_prefetch if nodes[-1].target == stream.prefetch else stream.end_release
     parent.orca_stream = stream
-    weakref.finalize(parent, _remove, path)
 
 
 def program_kinds(parent: fx.GraphModule) -> set[str]:

@@ -57,7 +57,8 @@ from ..errors import StreamingError, TargetError
 from ..ops.placement import FETCH, PREFETCH, RELEASE
 from ..placement import pool_footprint
 from ..pool_regions import placement_events, plan_regions
-from .streaming import PAGE, WeightFile, WeightPool, _nbytes, _remove, _swap_buffer, map_weights
+from .streaming import (PAGE, WeightFile, WeightPool, _nbytes, _remove, _swap_buffer, attach, map_weights,
+                        pool_and_weights)
 
 _TOKEN = torch.empty(0, dtype=torch.uint8)
 
@@ -304,8 +305,7 @@ def _take_overlapping(entries: list[tuple[int, int, object]], region: tuple[int,
 def bind_cuda(parent: fx.GraphModule, source: fx.GraphModule | None, nodes: list[fx.Node]) -> None:
     """Make `parent`'s placement nodes run against a CudaWeightStream (see the module docstring);
     `nodes` are its placement nodes in chain order."""
-    capacity = max(n.args[2] for n in nodes if n.target in (PREFETCH, FETCH))
-    names = list(dict.fromkeys(n.args[0].target for n in nodes if n.target in (PREFETCH, FETCH)))
+    capacity, names = pool_and_weights(nodes)
     homes = {}
     for node in nodes:
         if node.target in (PREFETCH, FETCH):
@@ -332,11 +332,6 @@ def bind_cuda(parent: fx.GraphModule, source: fx.GraphModule | None, nodes: list
     keys = [n.args[0].args[0].target if n.target == RELEASE else n.args[0].target for n in nodes]
     for node, name in zip(nodes, keys):
         node.args = (name, *node.args) if node.target == RELEASE else (name, *node.args[1:])
-    calls = {PREFETCH: stream.prefetch, FETCH: stream.fetch, RELEASE: stream.release}
-    for node in nodes:
-        node.target = calls[node.target]
-    nodes[0].target = stream.begin_prefetch if nodes[0].target == stream.prefetch else stream.begin_fetch
-    nodes[-1].target = stream.end_prefetch if nodes[-1].target == stream.prefetch else stream.end_release
-    parent.orca_stream = stream
+    attach(parent, nodes, stream)
     if path is not None:
         weakref.finalize(parent, _remove, path)
