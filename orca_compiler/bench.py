@@ -238,6 +238,8 @@ def markdown(result: dict) -> str:
              "(>1: orca wins). Compare numbers only within one run.", "",
              "Tuned kernels (`orca tune`, then the same comparison): [benchmarks-tuned.md](benchmarks-tuned.md),",
              "written by `python tools/bench_tuned.py --write-docs`.", "",
+             "Weights streamed from disk under a memory budget (place-memory at 50% and 25%, against 100% and",
+             "a naive policy): [placement.md](placement.md#benchmark), from `python tools/bench_placement.py`.", "",
              "## Machine", ""]
     lines += _table(["", ""], [
         ["CPU", f"{info['cpu']} ({info['machine']}, LLVM cpu {info['llvm_cpu']}), {info['cores']} cores, "
