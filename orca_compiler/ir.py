@@ -202,8 +202,9 @@ def from_exported_program(ep: torch.export.ExportedProgram) -> GraphIR:
     return GraphIR(gm, in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec)
 
 
-def to_exported_program(gm: fx.GraphModule) -> torch.export.ExportedProgram:
-    """Wrap a GraphIR-convention GraphModule as an ExportedProgram (get_attr lifted to inputs).
+def to_exported_program(gm: fx.GraphModule, extra_outputs: Iterable[fx.Node] = ()) -> torch.export.ExportedProgram:
+    """Wrap a GraphIR-convention GraphModule as an ExportedProgram (get_attr lifted to inputs),
+    its outputs followed by the values of `extra_outputs` (nodes of `gm`).
 
     No retracing: the graph is reused as is, so this is cheap. Used by the lowering, whose
     importer (TVM's from_exported_program) reads the graph signature.
@@ -239,6 +240,8 @@ def to_exported_program(gm: fx.GraphModule) -> torch.export.ExportedProgram:
         env[node] = graph.node_copy(node, lambda a: env[a])
         env[node].meta = dict(node.meta)
     out = next(n for n in graph.nodes if n.op == "output")
+    if extra_outputs:
+        out.args = ((*out.args[0], *(env[n] for n in extra_outputs)),)
     out_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(a.name), target=None) for a in out.args[0]]
     root = torch.nn.Module()
     for name, tensor in state.items():

@@ -76,15 +76,38 @@ DISK_BANDWIDTH = 500e6
 RAM_BANDWIDTH = 10e9
 COMPUTE_FLOPS = 50e9
 PCIE_BANDWIDTH = 12e9
-# What one streamed weight costs beyond its bytes: three host ops, a fetch's hand-off and a cut
-# between TVM partitions. Measured in tools/bench_placement.py: zoo resnet at 50% streaming 8
-# weights ran 0.3 ms slower than streaming 4 (~75 us each); at 20 us the planner chose those 8.
-# It keeps small weights resident first.
-COPY_OVERHEAD = 60e-6
-# What one more cut between segments costs: a call into TVM, the fusion across it, and the host
-# ops around it. Measured in tools/bench_placement.py: zoo resnet at 25% cut into 12 segments (7
-# prefetches) ran 0.36 ms slower than cut into 5 (none); at 20 us the planner chose the 12.
-SEGMENT_OVERHEAD = 50e-6
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """The fixed costs of streaming, which depend on where the placement ops run: `copy` per
+    streamed weight beyond its bytes (its ops, the fetch's hand-off, the kernels reading a run-time
+    operand instead of a constant), `segment` per cut between segments; and the share of a
+    prefetched copy's time by which it slows the kernels beside it when the weight is under
+    DIRECT_MIN_BYTES (`small_contention`; PREFETCH_CONTENTION from that size)."""
+
+    copy: float
+    segment: float
+    small_contention: float
+
+
+# On CPU the placement ops are calls from inside the TVM program (lowering/streaming.py). Measured
+# with policy=naive on the zoo transformer, resnet and gru_bidir at 50% and 25%: 6-12 us per
+# streamed weight beyond its copy, and ~1 us per extra segment (the transformer's 3 and 7
+# segments, with the same 10 weights, differed by 3 us). Small weights stay resident first.
+VM_OVERHEADS = Overheads(copy=10e-6, segment=2e-6, small_contention=1.0)
+# On CUDA they are host ops between TVM partitions, and a segment is a partition: a call into TVM,
+# the fusion lost across it and the host ops around it. Measured with that runtime on CPU (session
+# 8): zoo resnet at 50% streaming 8 weights ran 0.3 ms slower than streaming 4 (~75 us each), and
+# at 25% cut into 12 segments ran 0.36 ms slower than cut into 5.
+HOST_OP_OVERHEADS = Overheads(copy=60e-6, segment=50e-6, small_contention=0.3)
+
+
+def overheads_for(target_kind: str) -> Overheads:
+    """The fixed costs of streaming for a compile target ("cpu" or "cuda")."""
+    return HOST_OP_OVERHEADS if target_kind == "cuda" else VM_OVERHEADS
+
+
 # A prefetch pays only if this much compute runs between it and its fetch: handing a copy to the
 # background thread and back costs tens of microseconds, and the copy takes a core from the kernels.
 PREFETCH_MIN_OVERLAP = 200e-6
@@ -95,6 +118,13 @@ PREFETCH_MIN_OVERLAP = 200e-6
 # of background copies took ~2 ms longer than the same blocks' compute without them.
 PREFETCH_HANDOFF = 30e-6
 PREFETCH_CONTENTION = 0.3
+# The CPU runtime reads weights from this size with O_DIRECT (the disk's DMA fills the region);
+# smaller ones through the page cache, a memcpy by the background thread on a core the kernels
+# would use. Such a copy slows the kernels beside it by about its whole time (VM_OVERHEADS'
+# small_contention): in tools/bench_placement.py zoo resnet at 25% with 11 weights of 2-147 KB
+# prefetched hid 0.06 ms of its copies' wait and ran 0.33 ms slower than fetching them when
+# needed. lowering/streaming.py reads by the same threshold.
+DIRECT_MIN_BYTES = 256 << 10
 # A streamed weight takes a region of the pool that starts on this boundary (the alignment TVM's
 # kernels and torch's allocator give a tensor), so the pool counts its bytes rounded up to it.
 POOL_ALIGNMENT = 64
@@ -219,6 +249,7 @@ class Placement:
     home: dict[str, str] = field(default_factory=dict)  # a streamed weight's tier (empty: the last tier)
     min_budget: int = 0
     op_seconds: list[float] = field(default_factory=list)
+    overheads: Overheads = VM_OVERHEADS
     estimated_seconds: float = 0.0  # ops plus the copies that could not be hidden
     compute_seconds: float = 0.0
 
@@ -309,10 +340,11 @@ def op_seconds(ir: GraphIR, flops_per_s: float = COMPUTE_FLOPS, bytes_per_s: flo
     return times
 
 
-def _exposed_per_byte(w: WeightUse, ops: list[float], bandwidth: float) -> float:
-    """Transfer time of `w` not hidden by the compute before its first use, per byte."""
+def _exposed_per_byte(w: WeightUse, ops: list[float], bandwidth: float, copy_overhead: float) -> float:
+    """Transfer time of `w` not hidden by the compute before its first use, plus the fixed cost
+    of streaming it, per byte."""
     hidden = sum(ops[:w.first])
-    return (max(0.0, w.nbytes / bandwidth - hidden) + COPY_OVERHEAD) / max(w.nbytes, 1)
+    return (max(0.0, w.nbytes / bandwidth - hidden) + copy_overhead) / max(w.nbytes, 1)
 
 
 def _overlapping_bytes(weights: list[WeightUse], start: int, end: int) -> int:
@@ -338,7 +370,7 @@ def first_use_cuts(streamed: list[WeightUse]) -> frozenset[int]:
     """The steps where a streamed weight is first read. Runs cut there (and only there) hold the
     weights live at their first step, which fit the pool whenever each step's working set does, and
     each weight can then be prefetched behind the compute of every run before its own: the finest
-    segmentation prefetching can use (each cut costs SEGMENT_OVERHEAD)."""
+    segmentation prefetching can use (each cut costs the plan's `overheads.segment`)."""
     return frozenset(w.first for w in streamed)
 
 
@@ -402,12 +434,18 @@ def stalls(plan: Placement, bandwidth: float) -> dict[str, float]:
     return _replay(plan, bandwidth)[1]
 
 
+def _contention(plan: Placement, w: WeightUse) -> float:
+    """The share of a prefetched copy's time by which it slows the kernels beside it (Overheads:
+    on CPU a weight under DIRECT_MIN_BYTES is a memcpy on a core the kernels use)."""
+    return plan.overheads.small_contention if w.nbytes < DIRECT_MIN_BYTES else PREFETCH_CONTENTION
+
+
 def _replay(plan: Placement, bandwidth: float) -> tuple[float, dict[str, float]]:
     """(seconds of one call, the wait at each fetch): ops one after another; prefetched copies one
     at a time beside them, the others on the main thread at their fetch; a wrap-around copy waited
     for only by what the previous call's tail did not hide; plus the fixed costs of each streamed
-    weight, of each cut between segments and of each prefetch (PREFETCH_HANDOFF, and
-    PREFETCH_CONTENTION of the time its copy runs beside the kernels)."""
+    weight, of each cut between segments and of each prefetch (PREFETCH_HANDOFF, and a share of
+    the time its copy runs beside the kernels: `_contention`)."""
     clock = 0.0
     copies_free = 0.0
     waits: dict[str, float] = {}
@@ -417,22 +455,23 @@ def _replay(plan: Placement, bandwidth: float) -> tuple[float, dict[str, float]]
              for name in wrapped}
     by_prefetch = sorted(((n, s) for n, s in plan.prefetch_at.items() if n not in wrapped), key=lambda item: item[1])
     # a hidden copy is not free: the hand-off, and the kernels slowed beside it
-    clock += sum(PREFETCH_HANDOFF + PREFETCH_CONTENTION * (seconds_of[name] - ready[name]) for name in wrapped)
+    contention = {w.name: _contention(plan, w) for w in plan.streamed}
+    clock += sum(PREFETCH_HANDOFF + contention[name] * (seconds_of[name] - ready[name]) for name in wrapped)
     for step, seconds in enumerate(plan.op_seconds):
         for name, _ in [item for item in by_prefetch if item[1] == step]:
             copies_free = max(clock, copies_free) + seconds_of[name]
             ready[name] = copies_free
-            clock += PREFETCH_HANDOFF + PREFETCH_CONTENTION * seconds_of[name]
+            clock += PREFETCH_HANDOFF + contention[name] * seconds_of[name]
         for w in plan.streamed:
             if plan.fetch_at[w.name] == step:
                 done = max(clock, ready[w.name]) if w.name in ready else clock + seconds_of[w.name]
                 waits[w.name], clock = done - clock, done
         clock += seconds
-    return clock + COPY_OVERHEAD * len(plan.streamed) + SEGMENT_OVERHEAD * len(plan.segments), waits
+    return clock + plan.overheads.copy * len(plan.streamed) + plan.overheads.segment * len(plan.segments), waits
 
 
 def _choose_streamed(weights: list[WeightUse], steps: int, budget: int, ops: list[float], slow: float,
-                     double: bool) -> tuple[list[WeightUse], int]:
+                     double: bool, copy_overhead: float) -> tuple[list[WeightUse], int]:
     """(streamed weights, resident bytes): weights kept resident greedily by the cost per byte of
     streaming them, while the rest still fit (with room for the next weight in flight if `double`)."""
     pinned = [w for w in weights if not w.streamable]
@@ -443,7 +482,7 @@ def _choose_streamed(weights: list[WeightUse], steps: int, budget: int, ops: lis
         raise PassInputError(f"a fast-tier budget of {budget:,} bytes is too small: weights that cannot be streamed "
                              f"need {resident_bytes:,} bytes beside the streamed working set; the minimum feasible "
                              f"budget is {resident_bytes + need(streamed, steps)} bytes")
-    for w in sorted(streamed, key=lambda w: (-_exposed_per_byte(w, ops, slow), w.first, w.name)):
+    for w in sorted(streamed, key=lambda w: (-_exposed_per_byte(w, ops, slow, copy_overhead), w.first, w.name)):
         rest = [o for o in streamed if o is not w]
         # resident bytes are exact; the pool's (need) are counted as regions (footprint)
         if resident_bytes + w.nbytes + need(rest, steps) <= budget:
@@ -457,7 +496,8 @@ def _streaming_plan(base: Placement, steps: int, slow: float, double: bool, pref
     """`base` with its streamed weights, segments, fetches, releases and prefetches filled in;
     `fine`: a segment at every first use of a streamed weight (first_use_cuts)."""
     plan = dataclasses.replace(base)
-    plan.streamed, resident_bytes = _choose_streamed(plan.weights, steps, plan.budget, plan.op_seconds, slow, double)
+    plan.streamed, resident_bytes = _choose_streamed(plan.weights, steps, plan.budget, plan.op_seconds, slow, double,
+                                                     plan.overheads.copy)
     plan.pool_bytes = plan.budget - resident_bytes
     plan.segments = segments(plan.streamed, steps, plan.pool_bytes // 2 if double else plan.pool_bytes,
                              first_use_cuts(plan.streamed) if fine else frozenset())
@@ -471,15 +511,16 @@ def _streaming_plan(base: Placement, steps: int, slow: float, double: bool, pref
 
 
 def plan_placement(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "prefetch",
-                   ops: list[float] | None = None) -> Placement:
-    """The plan for a fast-tier budget of `budget` bytes (see the module docstring); raises
-    PassInputError naming the minimum feasible budget when even one step's weights do not fit."""
+                   ops: list[float] | None = None, overheads: Overheads = VM_OVERHEADS) -> Placement:
+    """The plan for a fast-tier budget of `budget` bytes (see the module docstring), estimated
+    with the fixed costs `overheads` (overheads_for the target); raises PassInputError naming the
+    minimum feasible budget when even one step's weights do not fit."""
     weights = weight_uses(ir)
     steps = len(ir.compute_nodes())
     ops = op_seconds(ir, bytes_per_s=tiers[0].bandwidth if tiers[0].bandwidth < 1e12 else RAM_BANDWIDTH) if ops is None else ops
     slow = tiers[-1].bandwidth
     minimum, at_step = working_set(weights, steps)
-    plan = Placement(tiers, budget, policy, weights, min_budget=minimum, op_seconds=ops,
+    plan = Placement(tiers, budget, policy, weights, min_budget=minimum, op_seconds=ops, overheads=overheads,
                      compute_seconds=sum(ops))
     plan.estimated_seconds = plan.compute_seconds
     total = sum(w.nbytes for w in weights)
@@ -555,10 +596,10 @@ def tier_bytes(plan: Placement) -> dict[str, int]:
 
 
 def plan_with_homes(ir: GraphIR, budget: int, tiers: list[Tier], policy: str = "prefetch",
-                    ops: list[float] | None = None) -> Placement:
+                    ops: list[float] | None = None, overheads: Overheads = VM_OVERHEADS) -> Placement:
     """plan_placement, then each streamed weight homed (assign_homes) and the estimate replayed
     with each weight's home bandwidth (with two tiers: the same plan and estimate)."""
-    plan = plan_placement(ir, budget, tiers, policy, ops)
+    plan = plan_placement(ir, budget, tiers, policy, ops, overheads)
     if plan.streamed:
         plan.home = assign_homes(plan)
         if len(tiers) > 2:  # with two, every home is the last tier: the estimate already used it

@@ -14,11 +14,14 @@ class TVMGraphModule(torch.nn.Module):
     """One built Relax executable as an nn.Module: flat tensors in, a tuple of tensors out.
 
     The VirtualMachine is created on first call, so a module built for CUDA can exist (and be
-    inspected) on a machine without a GPU; calling it there raises TargetError.
+    inspected) on a machine without a GPU; calling it there raises TargetError. The last `drop`
+    results of the executable are not returned (the results of side-effecting external calls
+    that nothing reads, returned only so that Relax keeps the calls: relax_build.unread_effects).
     """
 
-    def __init__(self, executable, target, name: str = "main", externs: dict | None = None):
+    def __init__(self, executable, target, name: str = "main", externs: dict | None = None, drop: int = 0):
         super().__init__()
+        self.drop = drop
         self.executable = executable
         self.target = target
         self.name = name
@@ -49,7 +52,10 @@ class TVMGraphModule(torch.nn.Module):
                 break
         # Called with torch tensors, the VM hands back torch tensors (DLPack, no copy); tensors
         # of TVM's own type appear only when an output is one of TVM's constants.
-        return tuple(r if type(r) is torch.Tensor else torch.from_dlpack(r) for r in fn(*inputs))
+        results = fn(*inputs)
+        if self.drop:
+            results = tuple(results)[:-self.drop]
+        return tuple(r if type(r) is torch.Tensor else torch.from_dlpack(r) for r in results)
 
 
 @dataclass(frozen=True)

@@ -534,6 +534,7 @@ def read(directory, *, check_host: bool = False):
     from .api import index_guards
     from .lowering.extern import bind_extern, impl_named
     from .lowering.lower import assemble
+    from .lowering.relax_build import unread_effects
     from .runtime import CompiledModule, InputSignature, TVMGraphModule
 
     start = time.perf_counter()
@@ -568,7 +569,7 @@ def read(directory, *, check_host: bool = False):
                 executables[name] = tvm_lite.load_library(directory / program_meta["libraries"][name])
         kind = program_meta["kind"]
         if kind == "tvm":
-            program = TVMGraphModule(executables["main"], target, externs=calls)
+            program = TVMGraphModule(executables["main"], target, externs=calls, drop=len(unread_effects(ir.gm, calls)))
             tvm_modules = [program]
         elif kind == "partitioned":
             lowered = assemble(ir, target, program_meta["unsupported"], calls, executables)

@@ -45,8 +45,8 @@ from orca_compiler.ops import quant as quant_ops
 from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
 from orca_compiler.ops.pointwise import POINTWISE, arguments
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
-from orca_compiler.placement import (PREFETCH_MIN_OVERLAP, Placement, Tier, default_tiers, parse_budget, parse_tiers,
-                                     placement_chain, plan_with_homes, tensor_anchor, tier_bytes)
+from orca_compiler.placement import (PREFETCH_MIN_OVERLAP, Placement, Tier, default_tiers, overheads_for, parse_budget,
+                                     parse_tiers, placement_chain, plan_with_homes, tensor_anchor, tier_bytes)
 from orca_compiler.pool_regions import regions_fit
 
 aten = torch.ops.aten
@@ -303,7 +303,7 @@ def split_for_overlap(ir: GraphIR, options: "PlaceMemoryOptions", plan: Placemen
     (the first layer's, which no compute precedes, or one the pool had no room to prefetch), split
     its layer into 2, 4 or 8 blocks, so that the first block's copy is all that waits and each
     next block's is prefetched behind the blocks before it. A split is kept only where the plan's
-    estimate (which counts COPY_OVERHEAD per block and SEGMENT_OVERHEAD per cut) drops by more
+    estimate (which counts the fixed cost of each block and each cut, `Overheads`) drops by more
     than 2% and by PREFETCH_MIN_OVERLAP at least (the estimate's copies and ops are rough: a split
     of a sub-millisecond model saves less than its extra ops and cuts cost); the largest wait is
     tried first, at most `tries` times. Returns the IR (a split copy of `ir`, or `ir` itself), its
@@ -368,7 +368,7 @@ def plan_for(ir: GraphIR, options: PlaceMemoryOptions, target_kind: str = "cpu")
     streamed weight with its home tier."""
     tiers = tiers_for(options, target_kind)
     budget = parse_budget(options.budget, ir.weight_bytes(), tiers[0])
-    return plan_with_homes(ir, budget, tiers, options.policy)
+    return plan_with_homes(ir, budget, tiers, options.policy, overheads=overheads_for(target_kind))
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:

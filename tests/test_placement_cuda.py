@@ -10,6 +10,7 @@ CUDA calls themselves (TorchCudaBackend) are exercised only by tools/gpu_check_p
 """
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -214,6 +215,8 @@ def _bind_as_cuda(monkeypatch, model, inputs, pipeline):
     """Compile for llvm but bind the streamed program as streaming.bind does for a CUDA build,
     against a FakeDevice; log the stream's fetches and releases beside the device's operations."""
     device = FakeDevice()
+    # as for a CUDA target: the placement ops stay host ops between partitions, bound as for CUDA
+    monkeypatch.setattr(importlib.import_module("orca_compiler.lowering.lower"), "vm_op_impl", lambda node, kind: None)
     monkeypatch.setattr(streaming, "program_kinds", lambda parent: {"cuda"})
     monkeypatch.setattr(streaming_cuda, "make_backend", lambda: device)
     cls = streaming_cuda.CudaWeightStream

@@ -43,12 +43,15 @@ class ExternImpl:
     weights as real tensors and activations as `_Slot`s, and returns
     `fn(*activations) -> tensor or tuple of tensors`.
     `applies(node)` says whether it can run that node (dtype, rank, device).
+    `raw_args`: `fn` takes the VM's tensors as they come (no DLPack conversion to torch), for
+    calls that only need their operands to order them (place-memory's ops).
     """
 
     name: str
     ops: frozenset
     make: Callable
     applies: Callable[[fx.Node], bool] = lambda node: True
+    raw_args: bool = False
 
 
 def _binder(args, kwargs) -> Callable:
@@ -407,7 +410,14 @@ def has_extern(op) -> bool:
 
 
 def impl_named(name: str) -> ExternImpl:
-    return next(impl for impl in EXTERN_IMPLS if impl.name == name)
+    """The external implementation called `name`: a kernel candidate, or one that runs an op
+    inside the TVM program (support.register_vm_op)."""
+    for impl in EXTERN_IMPLS:
+        if impl.name == name:
+            return impl
+    from .support import vm_op_impls
+
+    return next(impl for impl in vm_op_impls() if impl.name == name)
 
 
 # The candidates that run a sparse op on its sparse weight; every other candidate of a sparse op
@@ -470,6 +480,9 @@ def bind_extern(node: fx.Node, gm: fx.GraphModule, impl: ExternImpl) -> ExternCa
 
     def packed(*tvm_tensors):
         return fn(*(torch.from_dlpack(t) for t in tvm_tensors))
+
+    if impl.raw_args:
+        packed = fn
 
     name = f"orca.extern.{impl.name}.{node.name}.{next(_counter)}"
     tvm_ffi.register_global_func(name, packed, override=True)

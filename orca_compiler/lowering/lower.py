@@ -16,8 +16,8 @@ from ..printer import op_name
 from ..runtime import TVMGraphModule
 from .extern import bind_extern, impl_named, is_tvm_kernel
 from .kernel_select import MEASURE, KernelChoice, import_meta, select_kernels
-from .relax_build import build_executable
-from .support import bind_host_ops, is_host_op, unsupported_reason
+from .relax_build import build_executable, unread_effects
+from .support import bind_host_ops, is_host_op, unsupported_reason, vm_op_impl
 from .target import ResolvedTarget, resolve_target
 
 
@@ -161,6 +161,8 @@ def _lower_with(ir: GraphIR, resolved: ResolvedTarget, choices: dict, fullgraph:
     nodes = {node.name: node for node in ir.compute_nodes()}
     externs = {name: bind_extern(nodes[name], ir.gm, impl_named(c.choice))
                for name, c in choices.items() if not is_tvm_kernel(c.choice)}
+    externs.update({node.name: bind_extern(node, ir.gm, impl) for node in nodes.values()
+                    if (impl := vm_op_impl(node, resolved.kind)) is not None})
     for name, c in choices.items():  # which TVM variant the converters emit (also reset: lowered twice)
         nodes[name].meta.update(import_meta(c.choice))
     rejected: dict[str, str] = {}  # node name -> why TVM's converter failed on it
@@ -208,7 +210,8 @@ def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: 
                 raise
             fallbacks = [Fallback(n.name, op_name(n), str(exc)) for n in ir.compute_nodes()]
             return LoweredProgram(ir.copy().gm, resolved, fallbacks)
-        return LoweredProgram(TVMGraphModule(executable, resolved, externs=externs), resolved, [], [executable], 1)
+        program = TVMGraphModule(executable, resolved, externs=externs, drop=len(unread_effects(ir.gm, externs)))
+        return LoweredProgram(program, resolved, [], [executable], 1)
 
     parent = ir.copy().gm
     partitioner = CapabilityBasedPartitioner(parent, _Supported(unsupported), allows_single_node_partition=True)
@@ -237,7 +240,8 @@ def _build(ir: GraphIR, resolved: ResolvedTarget, unsupported: dict, fullgraph: 
         if executable is None:
             continue
         executables.append(executable)
-        setattr(parent, call.target, TVMGraphModule(executable, resolved, externs=externs))
+        setattr(parent, call.target,
+                TVMGraphModule(executable, resolved, externs=externs, drop=len(unread_effects(sub, externs))))
         if single_output:
             _take_first_result(parent, call)
     bind_host_ops(parent, ir.gm)

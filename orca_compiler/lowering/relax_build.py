@@ -146,15 +146,25 @@ def _lifted_weights(ep) -> dict:
             if spec.kind == InputKind.BUFFER and spec.target in ep.state_dict}
 
 
+def unread_effects(gm: fx.GraphModule, externs: dict | None) -> list[fx.Node]:
+    """The nodes of `gm` bound to external kernels that have side effects (fx's `is_impure`:
+    place-memory's ops) and whose results nothing reads. Relax takes an extern call for pure and
+    drops it when its result is unused, so the program returns these results after its own
+    outputs (import_relax) and TVMGraphModule(..., drop=len(...)) hides them again."""
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.name in (externs or {}) and not n.users and n.is_impure()]
+
+
 def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: ResolvedTarget | None = None):
     """GraphIR-convention GraphModule -> Relax IRModule (weights bound as constants).
 
-    Nodes named in `externs` (node name -> extern.ExternCall) call that external kernel.
+    Nodes named in `externs` (node name -> extern.ExternCall) call that external kernel; the
+    results of those in `unread_effects` are returned after the graph's outputs.
     `target`, when given, is the current TVM target while converting (our own ops' converters
     emit target-specific kernels). LoweringError carries `.node`: the fx node whose conversion
     failed, when known.
     """
-    ep = to_exported_program(gm)
+    ep = to_exported_program(gm, unread_effects(gm, externs))
     _normalize_negative_select(ep.graph)
     importer = _tracking_importer(externs)
     importer.weights = _lifted_weights(ep)

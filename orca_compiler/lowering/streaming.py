@@ -3,14 +3,23 @@ bounded fast-tier pool by the prefetch ops on a background thread, released afte
 This is the CPU runtime; a program whose TVM partitions are built for CUDA is handed to
 streaming_cuda.bind_cuda (a device arena fed on a side CUDA stream; not run on a GPU yet).
 
-When a partitioned program holds placement ops (orca_compiler/ops/placement.py), `bind`:
-1. writes the weights they read into one file (64-byte aligned, under the cache folder's
+**On CPU the placement ops run inside the TVM program** (orca_compiler/ops/placement.py): each is
+an external call of the VM (`vm_call`, registered with support.register_vm_op as the extern
+implementation "stream"), so streaming cuts the program into no TVM partitions and a placement op
+costs a call from the VM into Python (~2 us) instead of a partition boundary. Their operands (a
+release's copy, the `deps` tokens) reach them unconverted (ExternImpl.raw_args) and only order
+them: the VM runs the calls in the graph's order, and Relax keeps the calls whose tokens nothing
+reads because the program returns those tokens (relax_build.unread_effects). The first placement
+op bound opens the program's stream (`stream_for`, one per IR module):
+1. it writes the weights they read into one file (64-byte aligned, under the cache folder's
    `streamed/`), maps it (torch.from_file: pages are read from disk when touched) and puts the
-   mapped tensors in place of those weights in the program and in the IR, so no RAM copy stays
-   behind; the file is deleted with the program;
-2. turns each placement node into a call of the program's `WeightStream`: prefetch queues the
-   copy on the stream's one background thread, fetch waits for it (or, where there was no
-   prefetch, copies right away), release hands the bytes back.
+   mapped tensors in place of those weights in the IR, so no RAM copy stays behind; the file is
+   deleted with the stream;
+2. each placement op is a call of the `WeightStream`: prefetch queues the copy on the stream's one
+   background thread, fetch waits for it (or, where there was no prefetch, copies right away),
+   release hands the bytes back.
+Where placement ops are left between partitions (CUDA), `bind` points the fx nodes at the same
+calls (`attach`).
 
 **The pool is one arena** of the pool's capacity, page-aligned anonymous memory allocated once
 (so a call touches no fresh pages), and each streamed weight has a region in it, planned when the
@@ -63,18 +72,19 @@ import torch
 import torch.fx as fx
 
 from ..ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
-from ..placement import pool_footprint
+from ..placement import DIRECT_MIN_BYTES, pool_footprint
 from ..pool_regions import placement_events, plan_regions
-from .support import register_host_op
+from .extern import ExternImpl
+from .support import register_host_op, register_vm_op
 
 # O_DIRECT reads need the buffer, the file offset and the length aligned to the device's block
 # (512 or 4096 bytes): each weight sits in the file at an offset congruent to its pool region's
 # modulo PAGE, so the page-aligned middle of every region is read directly.
 PAGE = 4096
 # A direct read is a real I/O (about 100 us here, whatever its size up to ~100 KB), where a
-# buffered read of a small weight is a few microseconds of memcpy: only weights from this size
-# read their pages directly. Small weights go through the page cache.
-DIRECT_MIN_BYTES = 256 << 10
+# buffered read of a small weight is a few microseconds of memcpy: only weights from
+# DIRECT_MIN_BYTES (placement.py, whose estimate counts on it) read their pages directly. Small
+# weights go through the page cache.
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -97,6 +107,7 @@ class WeightPool:
         self._cond = threading.Condition()
         self._regions = regions or {}
         self._views: dict = {}  # a key's region as a tensor of its weight's dtype and shape
+        self._region_bytes: dict = {}  # ... and as the memoryview the reads fill
         self._arena = None
         if self._regions:
             self._mmap = mmap.mmap(-1, max(capacity, 1))  # anonymous: page-aligned, zero-filled
@@ -113,7 +124,8 @@ class WeightPool:
         if nbytes > self.capacity:
             raise MemoryError(f"a {nbytes:,}-byte weight cannot fit a pool of {self.capacity:,} bytes")
         with self._cond:
-            self._cond.wait_for(lambda: self.used + nbytes <= self.capacity)
+            if self.used + nbytes > self.capacity:
+                self._cond.wait_for(lambda: self.used + nbytes <= self.capacity)
             self.used += nbytes
             self.high_water = max(self.high_water, self.used)
         region = self._views.get(key)
@@ -125,7 +137,13 @@ class WeightPool:
             start = -raw.data_ptr() % PAGE
             return raw[start:start + _nbytes(like)].view(like.dtype).reshape(like.shape)
         region = self._views[key] = self._arena[offset:offset + _nbytes(like)].view(like.dtype).reshape(like.shape)
+        self._region_bytes[key] = _bytes_of(region)
         return region
+
+    def region_bytes(self, key) -> memoryview | None:
+        """The bytes of `key`'s region in the arena, once it was allocated (None before, or
+        without an arena)."""
+        return self._region_bytes.get(key)
 
     def free(self, tensor: torch.Tensor) -> None:
         with self._cond:
@@ -196,11 +214,13 @@ class WeightFile:
     def direct_io(self) -> bool:
         return self._direct_fd is not None
 
-    def read_at(self, offset: int, into: torch.Tensor) -> int:
-        """Fill `into` (CPU memory) with its bytes at `offset` in the weights file: the whole pages
-        in the middle with O_DIRECT where `into` and the file agree modulo PAGE, the head and tail
-        (and everything else) buffered. Returns the bytes read directly."""
-        view = memoryview(into.view(-1).view(torch.uint8).numpy())
+    def read_at(self, offset: int, into: torch.Tensor, view: memoryview | None = None) -> int:
+        """Fill `into` (CPU memory; `view`: its bytes, where the caller has them already) with its
+        bytes at `offset` in the weights file: the whole pages in the middle with O_DIRECT where
+        `into` and the file agree modulo PAGE, the head and tail (and everything else) buffered.
+        Returns the bytes read directly."""
+        if view is None:
+            view = _bytes_of(into)
         head = tail = len(view)
         if self._direct_fd is not None and len(view) >= DIRECT_MIN_BYTES and (into.data_ptr() - offset) % PAGE == 0:
             head = min(-into.data_ptr() % PAGE, len(view))
@@ -240,11 +260,12 @@ class WeightStream(WeightFile):
 
     def _read(self, weight: torch.Tensor, into: torch.Tensor) -> int:
         """Fill `into` with `weight`'s bytes, from the weights file where it came from (read_at)."""
-        offset = self._offsets.get(weight.data_ptr())
+        key = weight.data_ptr()
+        offset = self._offsets.get(key)
         if offset is None or self._fd is None:
             into.copy_(weight)
             return 0
-        return self.read_at(offset, into)
+        return self.read_at(offset, into, self.pool.region_bytes(key))
 
     def _load(self, weight: torch.Tensor) -> torch.Tensor:
         return self.pool.load(weight, self._read, weight.data_ptr())
@@ -328,6 +349,11 @@ class WeightStream(WeightFile):
 _TOKEN = torch.empty(0, dtype=torch.uint8)
 
 
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place."""
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy())
+
+
 def _read_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):  # preadv may return fewer bytes than asked
@@ -384,31 +410,78 @@ def _swap_buffer(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> No
         setattr(module, name, tensor)
 
 
-def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
-    """Make `parent`'s placement nodes run against a WeightStream (see the module docstring);
-    `source` (the IR's module) gets the mapped weights too."""
-    nodes = [n for n in parent.graph.nodes if n.op == "call_function" and n.target in PLACEMENT_OPS]
-    if not nodes:
-        return
-    kinds = program_kinds(parent)
-    if "cuda" in kinds:  # one target per compile: every TVM partition is built for CUDA
-        from .streaming_cuda import bind_cuda
-
-        return bind_cuda(parent, source, nodes)
+def open_stream(nodes: list[fx.Node], modules: list[fx.GraphModule]) -> WeightStream:
+    """A WeightStream for the placement nodes `nodes` (in chain order): plans the pool's regions,
+    writes the weights they read into one file (map_weights) and puts the mapped tensors in place
+    of those weights in `modules` (the first holds them), so no RAM copy stays behind; the file is
+    deleted with the stream."""
     capacity, names = pool_and_weights(nodes)
-    weights = {name: getattr(parent, name) for name in names}
+    weights = {name: getattr(modules[0], name) for name in names}
     events = placement_events(nodes, {name: _nbytes(w) for name, w in weights.items()})
     regions = plan_regions(events, capacity) or {}
     views, path, offsets = map_weights(weights, {name: offset % PAGE for name, offset in regions.items()})
     for name, view in views.items():
-        original = getattr(parent, name)
-        _swap_buffer(parent, name, view)
-        if source is not None and getattr(source, name, None) is original:
-            _swap_buffer(source, name, view)
+        original = weights[name]
+        for module in modules:
+            if getattr(module, name, None) is original:
+                _swap_buffer(module, name, view)
     stream = WeightStream(capacity, path, {views[name].data_ptr(): offsets[name] for name in names},
                           {views[name].data_ptr(): offset for name, offset in regions.items()})
-    attach(parent, nodes, stream)
-    weakref.finalize(parent, _remove, path)
+    stream.chain_ends = (nodes[0].name, nodes[-1].name)
+    weakref.finalize(stream, _remove, path)
+    return stream
+
+
+# The stream of each IR module whose placement ops run inside its TVM program (vm_call), opened
+# by the first of them bound; weakly keyed, so it goes with the program's closures that hold it.
+_STREAMS: "weakref.WeakKeyDictionary[fx.GraphModule, WeightStream]" = weakref.WeakKeyDictionary()
+
+
+def stream_for(gm: fx.GraphModule) -> WeightStream:
+    """The WeightStream of the IR module `gm` (opened, and its streamed weights mapped, at the
+    first call; the same stream after, for every program lowered from `gm`)."""
+    stream = _STREAMS.get(gm)
+    if stream is None:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PLACEMENT_OPS]
+        stream = _STREAMS[gm] = open_stream(nodes, [gm])
+    return stream
+
+
+def vm_call(node: fx.Node, args, kwargs):
+    """The external kernel (extern.ExternImpl `make`) of a placement node run from inside the
+    TVM program: the call of its IR module's stream, with the weight and the pool size bound
+    here. The VM's operands (a release's copy, the `deps` tokens) only order the calls and are
+    not read: a release frees the bytes of its weight's copy, known from the weight."""
+    gm = node.graph.owning_module
+    stream = stream_for(gm)  # maps the streamed weights: read them from `gm` after this
+    call = chain_call(stream, node)
+    if node.target == RELEASE:
+        weight = getattr(gm, node.args[0].args[0].target)
+
+        def run(*operands):
+            return call(weight, ())
+    else:
+        weight, pool_bytes = getattr(gm, node.args[0].target), args[2]
+
+        def run(*operands):
+            return call(weight, (), pool_bytes)
+
+    run.stream = stream
+    return run
+
+
+def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
+    """Make `parent`'s placement nodes, left between its TVM partitions, run against a stream:
+    a CudaWeightStream where the partitions are built for CUDA, else a WeightStream (see the
+    module docstring); `source` (the IR's module) gets the mapped weights too."""
+    nodes = [n for n in parent.graph.nodes if n.op == "call_function" and n.target in PLACEMENT_OPS]
+    if not nodes:
+        return
+    if "cuda" in program_kinds(parent):  # one target per compile: every TVM partition is built for CUDA
+        from .streaming_cuda import bind_cuda
+
+        return bind_cuda(parent, source, nodes)
+    attach(parent, nodes, open_stream(nodes, [m for m in (parent, source) if m is not None]))
 
 
 def pool_and_weights(nodes: list[fx.Node]) -> tuple[int, list[str]]:
@@ -419,14 +492,25 @@ def pool_and_weights(nodes: list[fx.Node]) -> tuple[int, list[str]]:
 
 
 def attach(parent: fx.GraphModule, nodes: list[fx.Node], stream) -> None:
-    """Point the placement nodes (in chain order) at `stream`'s prefetch / fetch / release; the
-    first and last of a call at its begin_* / end_* variants; keep the stream on `parent`."""
-    calls = {PREFETCH: stream.prefetch, FETCH: stream.fetch, RELEASE: stream.release}
+    """Point the placement nodes (in chain order) at `stream`'s calls (`call_for`); keep the
+    stream on `parent`."""
+    stream.chain_ends = (nodes[0].name, nodes[-1].name)
     for node in nodes:
-        node.target = calls[node.target]
-    nodes[0].target = stream.begin_prefetch if nodes[0].target == stream.prefetch else stream.begin_fetch
-    nodes[-1].target = stream.end_prefetch if nodes[-1].target == stream.prefetch else stream.end_release
+        node.target = chain_call(stream, node)
     parent.orca_stream = stream
+
+
+def chain_call(stream, node: fx.Node):
+    """The method of `stream` (a WeightStream or a CudaWeightStream) that runs placement node
+    `node`: its prefetch / fetch / release, or the begin_* / end_* variant for the first and last
+    node of the chain (`stream.chain_ends`), which mark where a call starts and completes."""
+    first, last = stream.chain_ends
+    kind = {PREFETCH: "prefetch", FETCH: "fetch", RELEASE: "release"}[node.target]
+    if node.name == first:
+        kind = f"begin_{kind}"
+    elif node.name == last:
+        kind = f"end_{kind}"
+    return getattr(stream, kind)
 
 
 def program_kinds(parent: fx.GraphModule) -> set[str]:
@@ -444,10 +528,25 @@ def _remove(path: str) -> None:
 
 
 def stream_of(module) -> WeightStream | None:
-    """The WeightStream of a compiled module (or its program), None if it streams nothing."""
+    """The WeightStream of a compiled module (or its program), None if it streams nothing: kept
+    on the program where the placement ops run between partitions, else held by the external
+    kernels (vm_call) of its TVM program."""
+    from ..runtime import TVMGraphModule
+
     program = getattr(module, "program", module)
-    return getattr(program, "orca_stream", None)
+    stream = getattr(program, "orca_stream", None)
+    if stream is not None or not isinstance(program, torch.nn.Module):
+        return stream
+    for part in program.modules():
+        if isinstance(part, TVMGraphModule):
+            for call in part.externs.values():
+                stream = getattr(call.fn, "stream", None)
+                if stream is not None:
+                    return stream
+    return None
 
 
+STREAM = ExternImpl("stream", PLACEMENT_OPS, vm_call, raw_args=True)
 for _op in PLACEMENT_OPS:
-    register_host_op(_op, bind)
+    register_host_op(_op, bind)  # on CUDA: TVM launches its kernels on its own stream (streaming_cuda)
+    register_vm_op(_op, STREAM, kinds=("cpu",))

@@ -36,6 +36,12 @@ _CONVERTER_MODULES = ("rnn_kernels", "fused_kernels", "sparse_kernels", "quant_k
 # partitioned program holding one (source: the IR's module) to turn its nodes into runtime calls.
 _HOST_OPS: dict[torch._ops.OpOverload, Callable] = {}
 
+# Ops that run inside the TVM program on some targets, as calls of one fixed external
+# implementation (no kernel choice): op -> (its extern.ExternImpl, the target kinds). On those
+# targets they are not host ops (place-memory's ops on CPU: no partition boundary per op).
+_VM_OPS: dict[torch._ops.OpOverload, tuple] = {}
+_VM_OP_MODULES = ("streaming",)  # the modules of this package that call register_vm_op
+
 
 @functools.lru_cache(maxsize=1)
 def _load_converter_modules() -> None:
@@ -57,6 +63,29 @@ def register_converter(op: torch._ops.OpOverload, converter: Callable) -> None:
 def register_host_op(op: torch._ops.OpOverload, bind: Callable) -> None:
     """Keep `op` on the host between TVM partitions by design (see _HOST_OPS)."""
     _HOST_OPS[op] = bind
+
+
+def register_vm_op(op: torch._ops.OpOverload, impl, kinds: tuple[str, ...]) -> None:
+    """Run `op` inside the TVM program as `impl` (an extern.ExternImpl) on targets of `kinds`."""
+    _VM_OPS[op] = (impl, frozenset(kinds))
+
+
+def vm_op_impl(node: fx.Node, kind: str):
+    """The ExternImpl that runs `node` inside the TVM program on a `kind` target, or None."""
+    _load_converter_modules()
+    impl, kinds = _VM_OPS.get(node.target, (None, ()))
+    return impl if node.op == "call_function" and kind in kinds else None
+
+
+def vm_op_impls() -> list:
+    """Every ExternImpl registered with register_vm_op (a saved program binds them by name).
+    Imports only the modules that register them, which do not import tvm (a cached program
+    loads without it)."""
+    import importlib
+
+    for name in _VM_OP_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+    return list({id(impl): impl for impl, _ in _VM_OPS.values()}.values())
 
 
 def is_host_op(node: fx.Node) -> bool:

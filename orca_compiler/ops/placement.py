@@ -14,8 +14,9 @@ scheduled before that user). `pool_bytes` is the pool's capacity, kept in the IR
 program brings it along. All three are side-effecting for fx: dead-code elimination keeps them.
 
 The eager implementations here give the IR its meaning in plain PyTorch (ir.run, numerics
-checks): fetch is a copy, the others do nothing. The compiled program runs them on the host
-between TVM partitions against a bounded pool (orca_compiler/lowering/streaming.py).
+checks): fetch is a copy, the others do nothing. The compiled program runs them against a
+bounded pool (orca_compiler/lowering/streaming.py): on CPU as external calls from inside the TVM
+program, on CUDA on the host between TVM partitions.
 """
 from __future__ import annotations
 
