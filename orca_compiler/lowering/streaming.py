@@ -432,6 +432,11 @@ def open_stream(nodes: list[fx.Node], modules: list[fx.GraphModule]) -> WeightSt
     return stream
 
 
+def placement_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The placement nodes of `gm`, in graph order (the order their chain runs)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PLACEMENT_OPS]
+
+
 # The stream of each IR module whose placement ops run inside its TVM program (vm_call), opened
 # by the first of them bound; weakly keyed, so it goes with the program's closures that hold it.
 _STREAMS: "weakref.WeakKeyDictionary[fx.GraphModule, WeightStream]" = weakref.WeakKeyDictionary()
@@ -442,8 +447,7 @@ def stream_for(gm: fx.GraphModule) -> WeightStream:
     first call; the same stream after, for every program lowered from `gm`)."""
     stream = _STREAMS.get(gm)
     if stream is None:
-        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PLACEMENT_OPS]
-        stream = _STREAMS[gm] = open_stream(nodes, [gm])
+        stream = _STREAMS[gm] = open_stream(placement_nodes(gm), [gm])
     return stream
 
 
@@ -474,7 +478,7 @@ def bind(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
     """Make `parent`'s placement nodes, left between its TVM partitions, run against a stream:
     a CudaWeightStream where the partitions are built for CUDA, else a WeightStream (see the
     module docstring); `source` (the IR's module) gets the mapped weights too."""
-    nodes = [n for n in parent.graph.nodes if n.op == "call_function" and n.target in PLACEMENT_OPS]
+    nodes = placement_nodes(parent)
     if not nodes:
         return
     if "cuda" in program_kinds(parent):  # one target per compile: every TVM partition is built for CUDA
