@@ -120,13 +120,15 @@ def _cmd_memory(args) -> int:
     from .pass_manager import PassManager
 
     model, inputs = load_model(args.model)
-    pipeline = args.pipeline + (f",place-memory{{budget={args.budget}}}" if args.budget else "")
+    options = ",".join(f"{key}={value}" for key, value in (("budget", args.budget),
+                                                            ("activation_budget", args.activation_budget)) if value)
+    pipeline = args.pipeline + (f",place-memory{{{options}}}" if options else "")
     from .pass_base import PassContext
 
     ctx = PassContext(config={"target_kind": "cuda" if args.target == "cuda" else "cpu"})  # place-memory's tiers
     ir, _ = PassManager(pipeline).run(capture(model, inputs, keep_op=keep_op_in_capture).ir, ctx)
     print(memory_report(ir))
-    if args.budget:
+    if options:
         from .printer import format_ir
 
         print("IR with the placement ops:")
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="O2", help="pipeline to run first (default O2)")
     p.add_argument("--budget", help="fast-tier bytes for weights (bytes, 512K, or 50%% of the weights): "
                                     "run place-memory with it and print the plan and the IR")
+    p.add_argument("--activation-budget", help="fast-tier bytes for activations (bytes, 64K, or 80%% of the planned "
+                                               "peak): place-memory spills activations across idle gaps to fit it")
     p.add_argument("--target", default="llvm", choices=("llvm", "cpu", "cuda"),
                    help="the tiers place-memory plans with: ram/disk (llvm, cpu; default) or device/host/disk (cuda)")
     p.set_defaults(fn=_cmd_memory)

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .ir import GraphIR
-from .ops.placement import FETCH, PREFETCH, RELEASE
+from .ops.placement import FETCH, PREFETCH, RELEASE, SPILL
 
 ALIGNMENT = 64
 
@@ -35,7 +35,9 @@ class TensorLife:
     """One tensor: what it is, its size and the steps [first, last] during which it must exist."""
 
     name: str
-    kind: str  # "weight" | "input" | "activation" | "streamed" (a fetched weight, in the pool)
+    # "weight" | "input" | "activation" | "streamed" (a fetched weight, in the pool) | "spilled"
+    # (an activation's copy on the slow tier, orca.spill)
+    kind: str
     nbytes: int
     first: int
     last: int
@@ -94,10 +96,13 @@ def liveness(ir: GraphIR) -> list[TensorLife]:
             kind = {"get_attr": "weight", "placeholder": "input"}.get(node.op, "activation")
             if node.target is FETCH:
                 kind = "streamed"  # a weight's copy in place-memory's pool, not an activation
-            first = steps.get(node, end) if kind == "activation" else end
+            elif node.target is SPILL:
+                kind = "spilled"  # an activation's copy on the slow tier, alive until its reload
+            computed = kind in ("activation", "spilled")
+            first = steps.get(node, end) if computed else end
             name = node.name if index is None else f"{node.name}[{index}]"
             # weights and inputs: first and last come from their uses (an unused one stays empty)
-            last = first if kind == "activation" else -1
+            last = first if computed else -1
             lives[storage] = TensorLife(name, kind, _nbytes(val), first, last, node, index)
         return lives[storage]
 
@@ -279,6 +284,12 @@ def memory_report(ir: GraphIR) -> str:
         lines.append(f"pool ({fast}, for streamed weights): capacity {capacity:,}, planned peak {peak:,}; "
                      f"fast-tier weights at most {weights + capacity:,} (resident + pool), "
                      f"{len(streamed)} weights streamed, {slow:,} bytes moved per call")
+    spilled = [t for t in lives if t.kind == "spilled"]
+    if spilled:  # place-memory's activation_budget: copies on the slow tier across idle gaps
+        tier = spilled[0].node.meta.get("orca_annotations", {}).get("tier", "slow tier")
+        at_once = max(live_bytes_by_step(spilled, len(ir.compute_nodes())), default=0)
+        lines.append(f"spilled activations: {len(spilled)} to {tier}, {sum(t.nbytes for t in spilled):,} bytes written "
+                     f"and read back per call, at most {at_once:,} there at once")
     lines.append("largest activations (bytes, live steps):")
     lines += [f"  %{t.name}: {t.nbytes:,} [{t.first}, {t.last}]" for t in largest]
     return "\n".join(lines)

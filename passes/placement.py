@@ -1,5 +1,7 @@
 """Memory placement passes. `schedule-memory`: reorder execution to lower the activation peak;
-`place-memory`: home each weight on a memory tier under a budget, and stream the others.
+`place-memory`: home each weight on a memory tier under a budget, and stream the others (and,
+with `activation_budget`, spill activations across the gaps where nothing reads them:
+placement_spill.py).
 
 The IR's order is the order torch.export traced the Python code in, which can keep large
 activations alive longer than needed: two branches whose big intermediates are both computed
@@ -42,12 +44,14 @@ from orca_compiler.ir import GraphIR
 from orca_compiler.memory_plan import storage_of, is_view, liveness, plan_activations
 from orca_compiler.ops import fused
 from orca_compiler.ops import quant as quant_ops
-from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
+from orca_compiler.ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE, SPILL_OPS
 from orca_compiler.ops.pointwise import POINTWISE, arguments
 from orca_compiler.pass_base import Pass, PassContext, PassResult, register_pass
 from orca_compiler.placement import (PREFETCH_MIN_OVERLAP, Placement, Tier, default_tiers, overheads_for, parse_budget,
-                                     parse_tiers, placement_chain, plan_with_homes, tensor_anchor, tier_bytes)
+                                     parse_bytes, parse_tiers, placement_chain, plan_with_homes, tensor_anchor, tier_bytes)
 from orca_compiler.pool_regions import regions_fit
+
+from .placement_spill import spill_to_fit
 
 aten = torch.ops.aten
 
@@ -349,13 +353,17 @@ class PlaceMemoryOptions:
     split: split a layer whose weight keeps the working set over the budget into blocks of
     output units (SPLIT_RULES: linears, linear and conv epilogues, embeddings, convolutions);
     pipeline: with split and policy=prefetch, also split a layer whose copy the plan cannot hide
-    into blocks whose copies overlap the blocks before them (split_for_overlap)."""
+    into blocks whose copies overlap the blocks before them (split_for_overlap);
+    activation_budget: the fast tier's bytes for activations (bytes, 64K, or a percentage of the
+    planned activation peak such as 50%; default: no bound), reached by spilling activations to
+    the slowest tier across the gaps where nothing reads them (placement_spill; CPU targets)."""
 
     budget: str = ""
     tiers: str = ""
     policy: Literal["prefetch", "naive"] = "prefetch"
     split: bool = True
     pipeline: bool = True
+    activation_budget: str = ""
 
 
 def tiers_for(options: PlaceMemoryOptions, target_kind: str = "cpu") -> list[Tier]:
@@ -434,16 +442,17 @@ _MINIMUM = re.compile(r"; the minimum feasible budget is (\d+) bytes \([\d,]+\)"
 
 @register_pass
 class PlaceMemory(Pass):
-    """Home each weight on a memory tier under a budget; stream the rest with prefetch/release ops."""
+    """Home weights and activations on memory tiers under budgets: stream weights with prefetch/fetch/release ops, spill idle activations."""
 
     name = "place-memory"
     Options = PlaceMemoryOptions
 
     def run(self, ir: GraphIR, ctx: PassContext) -> PassResult:
-        if any(n.target in PLACEMENT_OPS for n in ir.compute_nodes()):
+        if any(n.target in PLACEMENT_OPS | SPILL_OPS for n in ir.compute_nodes()):
             return PassResult(ir, False, {})  # placed already
         split, unsplit = 0, []
         target_kind = ctx.config.get("target_kind", "cpu")
+        spill_stats = self.spill_activations(ir, target_kind)
         if self.options.split:
             tiers = tiers_for(self.options, target_kind)
             budget, unsplit_ir = parse_budget(self.options.budget, ir.weight_bytes(), tiers[0]), ir.copy()
@@ -472,9 +481,26 @@ class PlaceMemory(Pass):
                  # the roofline estimate of the copies' time not hidden behind compute, per call
                  "est_stall_us": round((plan.estimated_seconds - plan.compute_seconds) * 1e6, 1),
                  # bytes of weights homed on each tier (resident on the fastest), e.g. tier_host
-                 **{f"tier_{name}": n for name, n in tier_bytes(plan).items()}}
-        if not plan.streamed:
-            return PassResult(ir, False, stats)
-        insert_streaming(ir, plan)
+                 **{f"tier_{name}": n for name, n in tier_bytes(plan).items()}, **spill_stats}
+        if plan.streamed:
+            insert_streaming(ir, plan)
         ir.recompile()
-        return PassResult(ir, True, stats)
+        return PassResult(ir, bool(plan.streamed or spill_stats.get("spilled")), stats)
+
+    def spill_activations(self, ir: GraphIR, target_kind: str) -> dict:
+        """Spill activations to the slowest tier until the activation plan fits activation_budget
+        (none: no bound, nothing spilled); the statistics: spills, bytes spilled per call (each
+        read back once), the activation peak before and after."""
+        if not self.options.activation_budget:
+            return {}
+        if target_kind != "cpu":
+            raise PassInputError(f"activation_budget: spilling activations runs on CPU targets only; the {target_kind} "
+                                 "runtime streams weights, not activations")
+        text, before = self.options.activation_budget.strip(), plan_activations(ir).peak
+        try:
+            budget = int(before * float(text[:-1]) / 100) if text.endswith("%") else parse_bytes(text)
+        except ValueError as exc:
+            raise PassInputError(f"activation_budget={text}: {exc}") from exc
+        gaps = spill_to_fit(ir, budget, tiers_for(self.options, target_kind)[-1].name)
+        return {"activation_budget": budget, "activation_peak_before": before, "activation_peak": plan_activations(ir).peak,
+                "spilled": len(gaps), "spilled_bytes": sum(g.nbytes for g in gaps)}

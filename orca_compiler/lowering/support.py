@@ -29,7 +29,7 @@ _CUSTOM_CONVERTERS: dict[torch._ops.OpOverload, Callable] = {}
 
 # Modules of this package whose import registers converters for our own ops (orca_compiler.ops).
 _CONVERTER_MODULES = ("rnn_kernels", "fused_kernels", "sparse_kernels", "quant_kernels", "quant_conv_kernels",
-                      "streaming")
+                      "streaming", "spilling")
 
 # Ops the lowering keeps on the host on purpose (place-memory's prefetch/fetch/release): never
 # handed to TVM and not reported as fallbacks. `bind(parent, source)` is called once on each
@@ -40,7 +40,7 @@ _HOST_OPS: dict[torch._ops.OpOverload, Callable] = {}
 # implementation (no kernel choice): op -> (its extern.ExternImpl, the target kinds). On those
 # targets they are not host ops (place-memory's ops on CPU: no partition boundary per op).
 _VM_OPS: dict[torch._ops.OpOverload, tuple] = {}
-_VM_OP_MODULES = ("streaming",)  # the modules of this package that call register_vm_op
+_VM_OP_MODULES = ("streaming", "spilling")  # the modules of this package that call register_vm_op
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,178 @@
+"""place-memory's activation_budget (issue 8): activations homed on the slow tier across the gaps
+where nothing reads them, so the fast tier's activation peak fits a budget.
+
+The checks: the gaps found (and the ones refused: a view made before a gap and read after it);
+spilled programs equal eager, in the compiled program and in the planned arena (run_in_arena
+runs the IR with every fast-tier activation in its planned slot of an arena no larger than the
+budget); the spill file moves the bytes the pass planned; a budget too small names its minimum,
+which then compiles; weights and activations placed together; save/load.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import orca_compiler
+from orca_compiler import zoo
+from orca_compiler.capture import capture
+from orca_compiler.errors import PassError, PassInputError
+from orca_compiler.lowering.spilling import spill_file_of
+from orca_compiler.lowering.streaming import stream_of
+from orca_compiler.lowering.support import keep_op_in_capture
+from orca_compiler.memory_plan import liveness, memory_report, plan_activations, run_in_arena
+from orca_compiler.ops.placement import RELOAD, SPILL
+from orca_compiler.pass_base import PassContext
+from orca_compiler.pass_manager import PassManager
+from orca_compiler.spill_plan import spill_gaps
+
+from conftest import assert_outputs_close
+
+
+class Hourglass(nn.Module):
+    """Full-resolution features kept for a skip connection around a wide low-resolution middle:
+    the activation peak is in the middle, where the skip is idle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 32, 3, stride=2, padding=1)
+        self.wide = nn.Conv2d(32, 96, 3, padding=1)
+        self.narrow = nn.Conv2d(96, 32, 1)
+        self.up = nn.ConvTranspose2d(32, 8, 2, stride=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        skip = F.relu(self.stem(x))
+        h = F.relu(self.down(skip))
+        h = F.relu(self.narrow(F.relu(self.wide(h))))
+        return self.head(F.relu(self.up(h)) + skip)
+
+
+def _hourglass():
+    torch.manual_seed(0)
+    return Hourglass().eval(), (torch.randn(2, 3, 64, 64),)
+
+
+def _ir(model, inputs, pipeline, ctx=None):
+    return PassManager(pipeline).run(capture(model, inputs, keep_op=keep_op_in_capture).ir, ctx)
+
+
+def _eager(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _place_stats(compiled) -> dict:
+    return next(p.stats for p in compiled.report.passes if p.name == "place-memory")
+
+
+def test_gaps_are_the_idle_spans_of_activations_and_a_view_across_one_refuses_it():
+    model, inputs = _hourglass()
+    ir, _ = _ir(model, inputs, "O1")
+    skip = [g for g in spill_gaps(ir) if g.nbytes == 2 * 8 * 64 * 64 * 4]
+    assert skip, "the skip connection's idle span is a gap"
+    steps = {n: i for i, n in enumerate(ir.compute_nodes())}
+    for gap in skip:
+        readers = [steps[u] for u in gap.node.users]
+        assert gap.after in readers + [steps[gap.node]] and gap.before in readers
+        assert not any(gap.after < r < gap.before for r in readers)
+
+    class Across(nn.Module):  # y is idle while z is computed, then read again: directly or via a view
+        def __init__(self, view: bool):
+            super().__init__()
+            self.view = view
+
+        def forward(self, x):
+            y = torch.relu(x)
+            t = y.transpose(0, 1) if self.view else y
+            z = torch.tanh(torch.sigmoid(torch.exp(y * 2)))
+            return z, t.sum(0)
+
+    for view in (False, True):
+        ir, _ = _ir(Across(view), (torch.randn(8, 8),), "O1")
+        relu = next(n for n in ir.compute_nodes() if "relu" in n.name)
+        # a view made before the gap and read after it would keep y's bytes alive: no gap then
+        assert bool([g for g in spill_gaps(ir) if g.node is relu]) is not view
+
+
+@pytest.mark.parametrize("pipeline", ["O1", "O2"])
+def test_spilled_hourglass_fits_its_budget_and_matches_eager(pipeline):
+    model, inputs = _hourglass()
+    before = plan_activations(_ir(model, inputs, pipeline)[0]).peak
+    budget = before * 90 // 100
+    place = f"{pipeline},place-memory{{activation_budget={budget}}}"
+    ir, _ = _ir(model, inputs, place)
+    plan = plan_activations(ir)
+    assert plan.peak <= budget < before
+    spills = [n for n in ir.compute_nodes() if n.target is SPILL]
+    assert spills and len(spills) == len([n for n in ir.compute_nodes() if n.target is RELOAD])
+    assert all(n.meta["orca_annotations"]["tier"] == "disk" for n in spills)
+    # the plan is valid: every fast-tier activation in its slot of an arena within the budget
+    assert torch.equal(run_in_arena(ir, plan, *inputs)[0], ir.run(*inputs)[0])
+    assert {t.kind for t in liveness(ir) if t.node in spills} == {"spilled"}
+
+    compiled = orca_compiler.compile(model, inputs, pipeline=place)
+    stats = _place_stats(compiled)
+    assert stats["activation_peak"] <= budget < stats["activation_peak_before"] == before
+    assert compiled.report.fallbacks == [] and compiled.report.partitions == 1  # spills run inside the TVM program
+    spill_file = spill_file_of(compiled)
+    for _ in range(2):  # the file's regions are reused call after call
+        spill_file.reset_counters()
+        assert_outputs_close(_eager(model, inputs), compiled(*inputs))
+        moved = spill_file.stats()
+        assert moved["bytes_spilled"] == moved["bytes_reloaded"] == stats["spilled_bytes"] > 0
+        assert moved["spills"] == moved["reloads"] == stats["spilled"]
+    assert moved["file_bytes"] <= stats["spilled_bytes"]
+
+
+def _minimum_in(exc: PassError) -> int:
+    assert isinstance(exc.__cause__, PassInputError)
+    return int(re.search(r"minimum feasible activation budget is (\d+) bytes", str(exc)).group(1))
+
+
+@pytest.mark.parametrize("name", ["transformer", "hourglass"])
+def test_a_budget_too_small_names_the_minimum_which_compiles(name):
+    model, inputs = _hourglass() if name == "hourglass" else zoo.get(name)
+    with pytest.raises(PassError, match=r"activation budget of 1,000 bytes is too small: at %\w+ \(step \d+\)") as info:
+        _ir(model, inputs, "O2,place-memory{activation_budget=1000}")
+    minimum = _minimum_in(info.value)
+    assert minimum < plan_activations(_ir(model, inputs, "O2")[0]).peak  # spilling lowered it
+    compiled = orca_compiler.compile(model, inputs, pipeline=f"O2,place-memory{{activation_budget={minimum}}}")
+    assert _place_stats(compiled)["activation_peak"] <= minimum
+    assert_outputs_close(_eager(model, inputs), compiled(*inputs))
+
+
+def test_weights_and_activations_placed_together_save_and_load(tmp_path):
+    model, inputs = zoo.get("transformer")
+    pipeline = "O1,place-memory{budget=50%,activation_budget=49152}"
+    compiled = orca_compiler.compile(model, inputs, pipeline=pipeline)
+    stats = _place_stats(compiled)
+    assert stats["streamed"] > 0 and stats["spilled"] > 0
+    assert_outputs_close(_eager(model, inputs), compiled(*inputs))
+    stream = stream_of(compiled)
+    stream.settle()
+    stream.pool.reset_counters()
+    spill_file_of(compiled).reset_counters()
+    assert_outputs_close(_eager(model, inputs), compiled(*inputs))
+    assert stream.pool.bytes_moved == stats["bytes_moved"]
+    assert spill_file_of(compiled).stats()["bytes_spilled"] == stats["spilled_bytes"]
+    report = memory_report(compiled.ir)
+    assert f"spilled activations: {stats['spilled']}" in report
+
+    compiled.save(tmp_path / "t.orca")
+    loaded = orca_compiler.load(tmp_path / "t.orca")
+    assert_outputs_close(_eager(model, inputs), loaded(*inputs))
+    assert spill_file_of(loaded).stats()["bytes_spilled"] == stats["spilled_bytes"]
+
+
+def test_activation_budget_is_refused_for_cuda_and_bad_sizes_are_named():
+    model, inputs = zoo.get("transformer")
+    ctx = PassContext(config={"target_kind": "cuda"})
+    with pytest.raises(PassError, match="spilling activations runs on CPU targets only"):
+        _ir(model, inputs, "O1,place-memory{activation_budget=50%,budget=1M}", ctx)
+    with pytest.raises(PassError, match="activation_budget=lots: not a size"):
+        _ir(model, inputs, "O1,place-memory{activation_budget=lots}")
