@@ -8,7 +8,8 @@ fast tier. This module finds the gaps and chooses which to spill; the pass rewri
 
 A gap qualifies when:
 - the activation is one tensor computed by a compute node (not a view, not an element of a
-  multi-output op, not a spilled copy itself, not a fetched weight);
+  multi-output op, not a spilled copy itself, not a fetched weight), of a static shape (the spill
+  file's regions are sized when the program is bound; a dynamic dimension is not spilled);
 - at least one step runs strictly inside it (else nothing is saved);
 - every read after it can be pointed at the reloaded copy: each such reader takes the activation
   itself, or a view of it made after the gap (a view made before the gap and read after it would
@@ -59,9 +60,10 @@ def _reads(ir: GraphIR, steps: dict[fx.Node, int]) -> dict[fx.Node, list[tuple[i
 
 
 def _spillable(node: fx.Node) -> bool:
+    """One static-shaped tensor of its own (the spill file's regions are sized when it is bound)."""
     val = node.meta.get("val")
     return (isinstance(val, torch.Tensor) and not is_view(node) and node.target not in (SPILL, FETCH)
-            and _nbytes(val) > 0)
+            and all(isinstance(size, int) for size in val.shape) and _nbytes(val) > 0)
 
 
 def spill_gaps(ir: GraphIR) -> list[SpillGap]:

@@ -2,6 +2,8 @@
 
 `names()` lists them; `get(name)` returns `(model, example_inputs)` with the model in eval mode.
 BatchNorm statistics are randomized (seeded) so BN folding is exercised on non-trivial values.
+`get` also builds the models of `experiment_names()`: models for one feature's tests and
+benchmarks (the hourglass of activation spilling), not part of the zoo every test runs.
 """
 from __future__ import annotations
 
@@ -140,6 +142,27 @@ class TransformerEncoderModel(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+class Hourglass(nn.Module):
+    """Full-resolution features kept for a skip connection around a wide low-resolution middle:
+    the activation peak is in the middle, where the skip is idle (place-memory's activation
+    spilling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 32, 3, stride=2, padding=1)
+        self.wide = nn.Conv2d(32, 96, 3, padding=1)
+        self.narrow = nn.Conv2d(96, 32, 1)
+        self.up = nn.ConvTranspose2d(32, 8, 2, stride=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        skip = torch.relu(self.stem(x))
+        h = torch.relu(self.down(skip))
+        h = torch.relu(self.narrow(torch.relu(self.wide(h))))
+        return self.head(torch.relu(self.up(h)) + skip)
+
+
 def _rnn_input(batch: int, batch_first: bool, seq: int, features: int = 32) -> torch.Tensor:
     return torch.randn(batch, seq, features) if batch_first else torch.randn(seq, batch, features)
 
@@ -162,6 +185,12 @@ _ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], tuple], int,
     "transformer": (TransformerEncoderModel, lambda b, t: (torch.randint(0, 1000, (b, 16)),), 2,
                     "Transformer encoder: embedding, 2 layers of MHA + LayerNorm + GELU"),
 }
+# Models of one feature's tests and benchmarks (same layout as _ZOO), built by get() but not listed
+# by names(): the zoo-wide tests do not run them.
+_EXPERIMENTS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], tuple], int, str]] = {
+    "hourglass": (Hourglass, lambda b, t: (torch.randn(b, 3, 64, 64),), 2,
+                  "conv hourglass: a full-resolution skip around a wide half-resolution middle"),
+}
 SEQUENCE_MODELS = frozenset({"lstm", "lstm_bidir", "gru", "gru_bidir"})
 DEFAULT_SEQ_LEN = 16
 
@@ -171,16 +200,21 @@ def names() -> list[str]:
     return list(_ZOO)
 
 
+def experiment_names() -> list[str]:
+    """The models `get` builds for one feature's tests and benchmarks, outside the zoo."""
+    return list(_EXPERIMENTS)
+
+
 def describe(name: str) -> str:
-    """A one-line description of a zoo model."""
-    return _ZOO[_check(name)][3]
+    """A one-line description of a zoo (or experiment) model."""
+    return {**_ZOO, **_EXPERIMENTS}[_check(name)][3]
 
 
 def _check(name: str) -> str:
-    if name not in _ZOO:
+    if name not in _ZOO and name not in _EXPERIMENTS:
         from .errors import OrcaError
 
-        raise OrcaError(f"unknown zoo model '{name}'; available: {', '.join(_ZOO)}")
+        raise OrcaError(f"unknown zoo model '{name}'; available: {', '.join(_ZOO)} (and {', '.join(_EXPERIMENTS)})")
     return name
 
 
@@ -188,7 +222,7 @@ def get(name: str, batch_size: int | None = None, seed: int = 0, seq_len: int | 
     """`(model, example_inputs)` for a zoo model: seeded weights, eval mode, standard input shape.
 
     `seq_len` sets the sequence length of a sequence model (SEQUENCE_MODELS; default 16)."""
-    builder, make_inputs, default_batch, _ = _ZOO[_check(name)]
+    builder, make_inputs, default_batch, _ = {**_ZOO, **_EXPERIMENTS}[_check(name)]
     if seq_len is not None and name not in SEQUENCE_MODELS:
         from .errors import OrcaError
 

@@ -452,7 +452,10 @@ class PlaceMemory(Pass):
             return PassResult(ir, False, {})  # placed already
         split, unsplit = 0, []
         target_kind = ctx.config.get("target_kind", "cpu")
-        spill_stats = self.spill_activations(ir, target_kind)
+        activation_budget, peak_before = self.activation_budget(ir, target_kind)
+        tier = tiers_for(self.options, target_kind)[-1].name
+        # spill before planning the weights (which plan with the activations' steps); checked after
+        gaps = spill_to_fit(ir, activation_budget, tier, strict=False) if activation_budget is not None else []
         if self.options.split:
             tiers = tiers_for(self.options, target_kind)
             budget, unsplit_ir = parse_budget(self.options.budget, ir.weight_bytes(), tiers[0]), ir.copy()
@@ -481,26 +484,28 @@ class PlaceMemory(Pass):
                  # the roofline estimate of the copies' time not hidden behind compute, per call
                  "est_stall_us": round((plan.estimated_seconds - plan.compute_seconds) * 1e6, 1),
                  # bytes of weights homed on each tier (resident on the fastest), e.g. tier_host
-                 **{f"tier_{name}": n for name, n in tier_bytes(plan).items()}, **spill_stats}
+                 **{f"tier_{name}": n for name, n in tier_bytes(plan).items()}}
         if plan.streamed:
             insert_streaming(ir, plan)
+        if activation_budget is not None:
+            gaps += spill_to_fit(ir, activation_budget, tier)  # the blocks of a split layer are activations too
+            stats.update({"activation_budget": activation_budget, "activation_peak_before": peak_before,
+                          "activation_peak": plan_activations(ir).peak, "spilled": len(gaps),
+                          "spilled_bytes": sum(g.nbytes for g in gaps)})  # each spilled copy is read back once
         ir.recompile()
-        return PassResult(ir, bool(plan.streamed or spill_stats.get("spilled")), stats)
+        return PassResult(ir, bool(plan.streamed or gaps), stats)
 
-    def spill_activations(self, ir: GraphIR, target_kind: str) -> dict:
-        """Spill activations to the slowest tier until the activation plan fits activation_budget
-        (none: no bound, nothing spilled); the statistics: spills, bytes spilled per call (each
-        read back once), the activation peak before and after."""
-        if not self.options.activation_budget:
-            return {}
+    def activation_budget(self, ir: GraphIR, target_kind: str) -> tuple[int | None, int]:
+        """(activation_budget in bytes, None where the option is not given; the planned activation
+        peak before placement). Spilling activations runs on CPU targets only."""
+        peak = plan_activations(ir).peak
+        text = self.options.activation_budget.strip()
+        if not text:
+            return None, peak
         if target_kind != "cpu":
             raise PassInputError(f"activation_budget: spilling activations runs on CPU targets only; the {target_kind} "
                                  "runtime streams weights, not activations")
-        text, before = self.options.activation_budget.strip(), plan_activations(ir).peak
         try:
-            budget = int(before * float(text[:-1]) / 100) if text.endswith("%") else parse_bytes(text)
+            return (int(peak * float(text[:-1]) / 100) if text.endswith("%") else parse_bytes(text)), peak
         except ValueError as exc:
             raise PassInputError(f"activation_budget={text}: {exc}") from exc
-        gaps = spill_to_fit(ir, budget, tiers_for(self.options, target_kind)[-1].name)
-        return {"activation_budget": budget, "activation_peak_before": before, "activation_peak": plan_activations(ir).peak,
-                "spilled": len(gaps), "spilled_bytes": sum(g.nbytes for g in gaps)}

@@ -11,11 +11,12 @@ streaming.py). The first one bound opens the program's `SpillFile` (one per IR m
 - `reload(spilled)` copies the region back into a fresh tensor for the readers after the gap.
 The file's pages are the kernel's page cache: written back to the disk and dropped from RAM
 under memory pressure, as any mapped file. The file is deleted with the SpillFile. The counters
-(`stats()`) say what moved per call. One call at a time per compiled module.
+(`stats()`) say what moved per call. Both ops run on the calling thread, one call at a time per
+compiled module.
 """
 from __future__ import annotations
 
-import threading
+import os
 import uuid
 import weakref
 
@@ -41,13 +42,13 @@ class SpillFile:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = str(folder / f"{uuid.uuid4().hex}.bin")
         with open(self.path, "wb") as f:
-            f.truncate(max(size, 1))
+            # blocks reserved now: a full disk is an error here, not a SIGBUS when a spill writes a page
+            os.posix_fallocate(f.fileno(), 0, max(size, 1))
         weakref.finalize(self, _remove, self.path)
         mapped = torch.from_file(self.path, shared=True, size=max(size, 1), dtype=torch.uint8)
         self.size = size
         self._views = {name: mapped[offset:offset + _nbytes(like)].view(like.dtype).reshape(like.shape)
                        for name, (offset, like) in regions.items()}
-        self._lock = threading.Lock()
         self.reset_counters()
 
     def region(self, name: str) -> torch.Tensor:
@@ -57,17 +58,14 @@ class SpillFile:
     def spill(self, name: str, x: torch.Tensor) -> torch.Tensor:
         region = self._views[name]
         region.copy_(x)
-        with self._lock:
-            self.bytes_spilled += _nbytes(x)
-            self.spills += 1
+        self.bytes_spilled += region.nbytes
+        self.spills += 1
         return region
 
     def reload(self, spilled: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(spilled.shape, dtype=spilled.dtype)
-        out.copy_(spilled)
-        with self._lock:
-            self.bytes_reloaded += _nbytes(out)
-            self.reloads += 1
+        out = spilled.clone()  # the region is contiguous: so is the copy
+        self.bytes_reloaded += out.nbytes
+        self.reloads += 1
         return out
 
     def reset_counters(self) -> None:
