@@ -239,7 +239,10 @@ def markdown(result: dict) -> str:
              "Tuned kernels (`orca tune`, then the same comparison): [benchmarks-tuned.md](benchmarks-tuned.md),",
              "written by `python tools/bench_tuned.py --write-docs`.", "",
              "Weights streamed from disk under a memory budget (place-memory at 50% and 25%, against 100% and",
-             "a naive policy): [placement.md](placement.md#benchmark), from `python tools/bench_placement.py`.", "",
+             "a naive policy): [placement.md](placement.md#benchmark), from `python tools/bench_placement.py`.",
+             "Activations spilled to disk under an activation budget: "
+             "[placement.md](placement.md#activations-on-the-slow-tier-activation_budget),",
+             "from `python tools/bench_spill.py`.", "",
              "## Machine", ""]
     lines += _table(["", ""], [
         ["CPU", f"{info['cpu']} ({info['machine']}, LLVM cpu {info['llvm_cpu']}), {info['cores']} cores, "
