@@ -360,6 +360,7 @@ def _make_mkldnn_linear_epilogue(node, args, kwargs):
 HEAVY_OPS = frozenset({
     aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
     aten.conv1d.default, aten.conv2d.default, aten.convolution.default,
+    aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
     aten.scaled_dot_product_attention.default, aten.lstm.input, aten.gru.input,
     rnn_ops.LSTM, rnn_ops.GRU,  # whole RNNs that decompose-rnn did not take (or did not run)
 })
