@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from .errors import PassInputError
 from .ir import GraphIR
-from .memory_plan import _nbytes, is_view, live_bytes_by_step, plan_activations, storage_of
+from .memory_plan import MemoryPlan, _nbytes, is_view, live_bytes_by_step, storage_of
 from .ops.placement import FETCH, RELOAD, SPILL
 
 
@@ -83,15 +83,15 @@ def spill_gaps(ir: GraphIR) -> list[SpillGap]:
     return gaps
 
 
-def next_spill(ir: GraphIR, budget: int) -> SpillGap | None:
+def next_spill(ir: GraphIR, budget: int, plan: MemoryPlan) -> SpillGap | None:
     """The gap to spill next to bring the activation plan under `budget`: at the busiest step
     whose live activation bytes are over it and that some gap covers (where every step is under
     it and only the arena's fragmentation is over, at the busiest covered step of all), the
     largest activation idle there (the longest gap on ties). Only steps of the model's own ops
     count: a spill or reload op never holds more than the step before or after it. None when no
-    gap covers such a step."""
+    gap covers such a step. `plan`: plan_activations(ir)."""
     nodes = ir.compute_nodes()
-    live = live_bytes_by_step(plan_activations(ir).lives, len(nodes))
+    live = live_bytes_by_step(plan.lives, len(nodes))
     own = [s for s, node in enumerate(nodes) if node.target not in (SPILL, RELOAD)]
     gaps = spill_gaps(ir)
     for steps in ([s for s in own if live[s] > budget], own):
@@ -104,10 +104,11 @@ def next_spill(ir: GraphIR, budget: int) -> SpillGap | None:
     return None
 
 
-def activation_budget_error(ir: GraphIR, budget: int, peak: int) -> PassInputError:
+def activation_budget_error(ir: GraphIR, budget: int, plan: MemoryPlan) -> PassInputError:
     """The error for an activation budget that spilling cannot reach: names the busiest step and
-    the lowest peak spilling reached (the minimum feasible activation budget)."""
-    plan = plan_activations(ir)
+    the lowest peak spilling reached (the minimum feasible activation budget; `plan`:
+    plan_activations(ir))."""
+    peak = plan.peak
     nodes = ir.compute_nodes()
     live = live_bytes_by_step(plan.lives, len(nodes))
     step = max(range(len(nodes)), key=lambda s: live[s])

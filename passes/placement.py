@@ -496,12 +496,12 @@ class PlaceMemory(Pass):
         return PassResult(ir, bool(plan.streamed or gaps), stats)
 
     def activation_budget(self, ir: GraphIR, target_kind: str) -> tuple[int | None, int]:
-        """(activation_budget in bytes, None where the option is not given; the planned activation
-        peak before placement). Spilling activations runs on CPU targets only."""
-        peak = plan_activations(ir).peak
+        """(activation_budget in bytes, the planned activation peak before placement); (None, 0)
+        where the option is not given. Spilling activations runs on CPU targets only."""
         text = self.options.activation_budget.strip()
         if not text:
-            return None, peak
+            return None, 0
+        peak = plan_activations(ir).peak
         if target_kind != "cpu":
             raise PassInputError(f"activation_budget: spilling activations runs on CPU targets only; the {target_kind} "
                                  "runtime streams weights, not activations")

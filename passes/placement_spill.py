@@ -47,14 +47,16 @@ def spill_to_fit(ir: GraphIR, budget: int, tier: str, strict: bool = True) -> li
     # each spill lowers the bytes of an over-budget step and raises none: this ends; the bound
     # only stops spilling against the arena's fragmentation where every step is under budget
     for _ in range(2 * len(ir.compute_nodes()) + 1):
-        peak = plan_activations(ir).peak
-        if peak <= budget:
+        plan = plan_activations(ir)
+        if plan.peak <= budget:
             return spilled
-        gap = next_spill(ir, budget)
+        gap = next_spill(ir, budget, plan)
         if gap is None:
             break
         spill_activation(ir, gap, tier)
         spilled.append(gap)
+    else:
+        plan = plan_activations(ir)
     if not strict:
         return spilled
-    raise activation_budget_error(ir, budget, plan_activations(ir).peak)
+    raise activation_budget_error(ir, budget, plan)

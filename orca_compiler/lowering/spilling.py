@@ -27,7 +27,7 @@ from ..memory_plan import _nbytes, place_by_size
 from ..ops.placement import SPILL, SPILL_OPS
 from .extern import ExternImpl
 from .streaming import _remove  # deletes the file, ignoring one already gone
-from .support import register_vm_op
+from .support import extern_state, register_vm_op
 
 
 class SpillFile:
@@ -121,18 +121,7 @@ def vm_call(node: fx.Node, args, kwargs):
 
 def spill_file_of(module) -> SpillFile | None:
     """The SpillFile of a compiled module (or its program), None if it spills nothing."""
-    from ..runtime import TVMGraphModule
-
-    program = getattr(module, "program", module)
-    if not isinstance(program, torch.nn.Module):
-        return None
-    for part in program.modules():
-        if isinstance(part, TVMGraphModule):
-            for call in part.externs.values():
-                spill_file = getattr(call.fn, "spill_file", None)
-                if spill_file is not None:
-                    return spill_file
-    return None
+    return extern_state(module, "spill_file")
 
 
 SPILL_IMPL = ExternImpl("spill", SPILL_OPS, vm_call)

@@ -75,7 +75,7 @@ from ..ops.placement import FETCH, PLACEMENT_OPS, PREFETCH, RELEASE
 from ..placement import DIRECT_MIN_BYTES, pool_footprint
 from ..pool_regions import placement_events, plan_regions
 from .extern import ExternImpl
-from .support import register_host_op, register_vm_op
+from .support import extern_state, register_host_op, register_vm_op
 
 # O_DIRECT reads need the buffer, the file offset and the length aligned to the device's block
 # (512 or 4096 bytes): each weight sits in the file at an offset congruent to its pool region's
@@ -535,19 +535,8 @@ def stream_of(module) -> WeightStream | None:
     """The WeightStream of a compiled module (or its program), None if it streams nothing: kept
     on the program where the placement ops run between partitions, else held by the external
     kernels (vm_call) of its TVM program."""
-    from ..runtime import TVMGraphModule
-
-    program = getattr(module, "program", module)
-    stream = getattr(program, "orca_stream", None)
-    if stream is not None or not isinstance(program, torch.nn.Module):
-        return stream
-    for part in program.modules():
-        if isinstance(part, TVMGraphModule):
-            for call in part.externs.values():
-                stream = getattr(call.fn, "stream", None)
-                if stream is not None:
-                    return stream
-    return None
+    stream = getattr(getattr(module, "program", module), "orca_stream", None)
+    return stream if stream is not None else extern_state(module, "stream")
 
 
 STREAM = ExternImpl("stream", PLACEMENT_OPS, vm_call, raw_args=True)

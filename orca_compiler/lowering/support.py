@@ -88,6 +88,24 @@ def vm_op_impls() -> list:
     return list({id(impl): impl for impl, _ in _VM_OPS.values()}.values())
 
 
+def extern_state(module, attr: str):
+    """The first `attr` found on the external kernels of a compiled module's (or program's) TVM
+    programs: the runtime object that vm ops' kernels share (the weight stream, the spill file).
+    None where no kernel has it."""
+    from ..runtime import TVMGraphModule
+
+    program = getattr(module, "program", module)
+    if not isinstance(program, torch.nn.Module):
+        return None
+    for part in program.modules():
+        if isinstance(part, TVMGraphModule):
+            for call in part.externs.values():
+                state = getattr(call.fn, attr, None)
+                if state is not None:
+                    return state
+    return None
+
+
 def is_host_op(node: fx.Node) -> bool:
     _load_converter_modules()
     return node.op == "call_function" and node.target in _HOST_OPS
