@@ -150,20 +150,19 @@ def compile(
     signature = [InputSignature.of(t, _symbolic_dims(node)) for t, node in zip(pytree.tree_leaves(inputs), ir.input_nodes())]
     from . import eager_guard
 
+    guards = index_guards(ir)
+
+    def module(runs) -> CompiledModule:
+        return CompiledModule(runs, signature=signature, in_spec=ir.in_spec, out_spec=ir.out_spec, report=report,
+                              ir=ir, guards=guards)
+
+    compiled = module(program)
     if eager_guard.enabled(options, resolved, any(None in s.shape for s in signature)):
-        eager = eager_guard.EagerProgram(model, ir.in_spec)
-        report.eager_guard = eager_guard.compare(program, eager, list(pytree.tree_leaves(inputs)))
+        fallback = module(eager_guard.EagerProgram(model, ir.in_spec))
+        report.eager_guard = eager_guard.compare(compiled, fallback, inputs)
         if report.eager_guard.chose == "eager":
-            program = eager
-    compiled = CompiledModule(
-        program,
-        signature=signature,
-        in_spec=ir.in_spec,
-        out_spec=ir.out_spec,
-        report=report,
-        ir=ir,
-        guards=index_guards(ir),
-    )
+            compiled, program = fallback, fallback.program
+        compiled.l1_calls[0] = 0  # the guard's calls are not the user's
     compiled.executables = lowered.executables
     from .serialize import Artifact
 

@@ -78,6 +78,7 @@ def build_runners(model, inputs, pipelines, peers=PEERS) -> tuple[dict, dict, di
             continue
         compile_s[peer] = time.perf_counter() - t0
         runners[peer] = runner
+    ran_eager = []  # orca pipelines whose compiled program the eager guard replaced by the model itself
     for pipeline in pipelines:
         name = f"orca {pipeline}"
         t0 = time.perf_counter()
@@ -90,7 +91,10 @@ def build_runners(model, inputs, pipelines, peers=PEERS) -> tuple[dict, dict, di
         compile_s[name] = time.perf_counter() - t0
         errors[name] = max_abs_error(reference, output)
         runners[name] = (lambda c: lambda: c(*inputs))(compiled)
-    return runners, compile_s, {"failures": failures, "max_abs_err": errors}
+        guard = compiled.report.eager_guard
+        if guard is not None and guard.chose == "eager":
+            ran_eager.append(name)
+    return runners, compile_s, {"failures": failures, "max_abs_err": errors, "ran_eager": ran_eager}
 
 
 def bench_one(name: str, batch: int, pipelines, repeats: int, peers=PEERS, seq_len: int | None = None) -> dict:
@@ -209,9 +213,14 @@ def _row_text(row: dict) -> str:
     if "error" in row:
         return f"{_label(row):<16} b{row['batch']:<3} {row['error']}"
     parts = [f"{_label(row):<16} b{row['batch']:<3}"]
-    parts += [f"{k} {v:.3f}ms ({row['speedup_vs_eager'][k]:.2f}x)" for k, v in row["ms"].items()]
+    parts += [f"{k} {v:.3f}ms ({row['speedup_vs_eager'][k]:.2f}x){_ran_eager_mark(row, k)}" for k, v in row["ms"].items()]
     parts.append(f"best peer {row['best_peer']}")
     return " | ".join(parts)
+
+
+def _ran_eager_mark(row: dict, backend: str) -> str:
+    """" *" where the eager guard ran the model in eager PyTorch instead of the compiled program."""
+    return " *" if backend in row.get("ran_eager", ()) else ""
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -258,10 +267,12 @@ def markdown(result: dict) -> str:
     header = ["model", "batch", *backends, "best peer", *(f"{o} vs best peer" for o in orca), "orca max abs err"]
     lines += _table(header,
                     [[_label(r), str(r["batch"]),
-                      *(f"{r['ms'][b]:.3f} ({r['speedup_vs_eager'][b]:.2f}x)" if b in r["ms"] else "failed"
-                        for b in backends),
+                      *(f"{r['ms'][b]:.3f} ({r['speedup_vs_eager'][b]:.2f}x){_ran_eager_mark(r, b)}"
+                        if b in r["ms"] else "failed" for b in backends),
                       r["best_peer"], *(_cell(r["orca_vs_best_peer"], o, ".2f", "x") for o in orca),
                       f"{max(r['max_abs_err'].values()):.1e}" if r["max_abs_err"] else "-"] for r in rows])
+    lines += ["", "`*`: compile()'s eager guard timed the compiled program slower than eager and runs the model",
+              "in eager PyTorch instead (orca_compiler/eager_guard.py)."]
     g = result["geomean"]
     lines += ["", f"## Geomean over {g['runs']} (model, batch) runs", ""]
     lines += _table(["backend", "speedup over eager"],

@@ -64,6 +64,7 @@ def test_json_fields(run):
     assert list(row["compile_s"]) == BACKENDS[1:]
     assert list(row["orca_vs_best_peer"]) == ["orca O1", "orca O2"]
     assert row["max_abs_err"]["orca O2"] < 1e-4
+    assert set(row["ran_eager"]) <= {"orca O1", "orca O2"}  # the pipelines the eager guard sent to eager
     geomean = result["geomean"]
     assert geomean["runs"] == 1 and geomean["speedup_vs_eager"]["eager"] == pytest.approx(1.0)
     assert list(geomean["orca_vs"]["orca O2"]) == [b for b in BACKENDS if not b.startswith("orca")] + ["best peer"]
@@ -77,6 +78,10 @@ def test_markdown_renders(run):
     assert "| GEMM peak |" in text and "| memory bandwidth |" in text and "| torch threads |" in text
     assert text.count("| mlp | 1 |") == 3  # latency, compile time, compute
     assert "## Failures" not in text
+    result = json.loads((run / "result.json").read_text())
+    result["rows"][0]["ran_eager"] = ["orca O1"]
+    (o1_cell,) = [c for c in bench.markdown(result).split("| mlp | 1 |")[1].split("|") if c.strip().endswith("*")]
+    assert o1_cell.strip() == f"{result['rows'][0]['ms']['orca O1']:.3f} ({result['rows'][0]['speedup_vs_eager']['orca O1']:.2f}x) *"
 
 
 def test_bench_help_lists_options(capsys):
