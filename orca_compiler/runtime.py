@@ -54,9 +54,17 @@ class TVMGraphModule(torch.nn.Module):
         # Called with torch tensors, the VM hands back torch tensors (DLPack, no copy); tensors
         # of TVM's own type appear only when an output is one of TVM's constants.
         results = fn(*inputs)
-        if self.drop:
-            results = tuple(results)[:-self.drop]
-        return tuple(r if type(r) is torch.Tensor else torch.from_dlpack(r) for r in results)
+        if type(results) is torch.Tensor:  # one output, returned bare (relax_build.return_single_output_bare)
+            return (results,)
+        if hasattr(results, "__dlpack__"):  # ... and one of TVM's constants
+            return (torch.from_dlpack(results),)
+        # Each element read from the returned tvm_ffi Array is converted to a torch tensor then
+        # (~1.5 us): read only those returned, by index (tuple(results) costs ~1.4 us more).
+        count = len(results) - self.drop
+        if count == 1:
+            result = results[0]
+            return (result if type(result) is torch.Tensor else torch.from_dlpack(result),)
+        return tuple(r if type(r) is torch.Tensor else torch.from_dlpack(r) for r in map(results.__getitem__, range(count)))
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ class InputSignature:
     def matches(self, tensor) -> bool:
         """The fast check run on every call; `check` explains a mismatch."""
         return (type(tensor) is torch.Tensor and self._shape_matches(tensor.shape) and tensor.dtype == self.dtype
-                and tensor.device.type == self.device)
+                and (tensor.is_cpu if self.device == "cpu" else tensor.device.type == self.device))  # .device: ~0.4 us
 
     def check(self, index: int, tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
@@ -148,6 +156,10 @@ class CompiledModule(torch.nn.Module):
         n = len(self.signature)
         self._positional_spec = pytree.tree_flatten((tuple(range(n)), {}))[1]
         self._positional = in_spec is None or in_spec == self._positional_spec
+        # Static CPU inputs are checked inline, (shape, dtype) per input: ~1 us less an input than
+        # InputSignature.matches; anything else goes through _flatten_inputs.
+        static_cpu = self._positional and all(s._static and s.device == "cpu" for s in self.signature)
+        self._static_cpu = tuple((s.shape, s.dtype) for s in self.signature) if static_cpu else None
         self._run = program.forward if isinstance(program, TVMGraphModule) else None
         # The eager guard's fallback (eager_guard.EagerProgram): the user's model, called with the
         # user's own arguments once they match the signature (no flattening of inputs or outputs).
@@ -172,9 +184,18 @@ class CompiledModule(torch.nn.Module):
             sig.check(i, tensor)
         return flat
 
+    def _matches_static_cpu(self, args, kwargs) -> bool:
+        expected = self._static_cpu
+        if expected is None or kwargs or len(args) != len(expected):
+            return False
+        for tensor, (shape, dtype) in zip(args, expected):
+            if type(tensor) is not torch.Tensor or tensor.shape != shape or tensor.dtype != dtype or not tensor.is_cpu:
+                return False
+        return True
+
     def forward(self, *args, **kwargs):
         self.l1_calls[0] += 1
-        flat = self._flatten_inputs(args, kwargs)
+        flat = args if self._matches_static_cpu(args, kwargs) else self._flatten_inputs(args, kwargs)
         if self._eager_model is not None:  # eager checks its own indices
             if not torch.is_grad_enabled():
                 return self._eager_model(*args, **kwargs)

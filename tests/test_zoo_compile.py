@@ -39,3 +39,22 @@ def test_rnn_outputs_keep_torch_structure():
     out, (h, c) = oc.compile(model, inputs)(*inputs)
     ref_out, (ref_h, ref_c) = model(*inputs)
     assert out.shape == ref_out.shape and h.shape == ref_h.shape == (4, 4, 64) and c.shape == ref_c.shape
+
+
+def test_one_output_comes_back_from_the_vm_as_the_tensor_itself():
+    """A program with one output returns it bare, not in a 1-tuple (each element read from a
+    returned tuple costs a conversion per call); models with several outputs keep their tuple."""
+    model, inputs = oc.zoo.get("mlp")
+    compiled = oc.compile(model, inputs, pipeline="O1", eager_guard=False, cache="off")
+    returned = compiled.program._function()(*inputs)
+    assert type(returned) is torch.Tensor
+    assert_outputs_close(model(*inputs), compiled(*inputs))
+
+    class TwoOutputs(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x), {"doubled": x * 2}
+
+    x = torch.randn(3, 4)
+    two = oc.compile(TwoOutputs(), (x,), eager_guard=False, cache="off")
+    assert len(two.program._function()(x)) == 2
+    assert_outputs_close(TwoOutputs()(x), two(x))
