@@ -356,7 +356,8 @@ class PlaceMemoryOptions:
     into blocks whose copies overlap the blocks before them (split_for_overlap);
     activation_budget: the fast tier's bytes for activations (bytes, 64K, or a percentage of the
     planned activation peak such as 50%; default: no bound), reached by spilling activations to
-    the slowest tier across the gaps where nothing reads them (placement_spill; CPU targets)."""
+    the tier below the fastest (disk on CPU, pinned host memory on CUDA) across the gaps where
+    nothing reads them (placement_spill)."""
 
     budget: str = ""
     tiers: str = ""
@@ -452,8 +453,9 @@ class PlaceMemory(Pass):
             return PassResult(ir, False, {})  # placed already
         split, unsplit = 0, []
         target_kind = ctx.config.get("target_kind", "cpu")
-        activation_budget, peak_before = self.activation_budget(ir, target_kind)
-        tier = tiers_for(self.options, target_kind)[-1].name
+        activation_budget, peak_before = self.activation_budget(ir)
+        # spilled copies go one tier down: disk on CPU (a mapped file), pinned host memory on CUDA
+        tier = tiers_for(self.options, target_kind)[1].name
         # spill before planning the weights (which plan with the activations' steps); checked after
         gaps = spill_to_fit(ir, activation_budget, tier, strict=False) if activation_budget is not None else []
         if self.options.split:
@@ -495,16 +497,13 @@ class PlaceMemory(Pass):
         ir.recompile()
         return PassResult(ir, bool(plan.streamed or gaps), stats)
 
-    def activation_budget(self, ir: GraphIR, target_kind: str) -> tuple[int | None, int]:
+    def activation_budget(self, ir: GraphIR) -> tuple[int | None, int]:
         """(activation_budget in bytes, the planned activation peak before placement); (None, 0)
-        where the option is not given. Spilling activations runs on CPU targets only."""
+        where the option is not given."""
         text = self.options.activation_budget.strip()
         if not text:
             return None, 0
         peak = plan_activations(ir).peak
-        if target_kind != "cpu":
-            raise PassInputError(f"activation_budget: spilling activations runs on CPU targets only; the {target_kind} "
-                                 "runtime streams weights, not activations")
         try:
             return (int(peak * float(text[:-1]) / 100) if text.endswith("%") else parse_bytes(text)), peak
         except ValueError as exc:

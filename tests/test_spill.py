@@ -9,6 +9,7 @@ which then compiles; weights and activations placed together; save/load.
 """
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -18,7 +19,8 @@ from torch import nn
 import orca_compiler
 from orca_compiler import zoo
 from orca_compiler.capture import capture
-from orca_compiler.errors import PassError, PassInputError
+from orca_compiler.errors import PassError, PassInputError, TargetError
+from orca_compiler.lowering import spilling, spilling_cuda
 from orca_compiler.lowering.spilling import spill_file_of
 from orca_compiler.lowering.streaming import stream_of
 from orca_compiler.lowering.support import keep_op_in_capture
@@ -154,14 +156,82 @@ def test_weights_and_activations_placed_together_save_and_load(tmp_path):
     assert spill_file_of(loaded).stats()["bytes_spilled"] == stats["spilled_bytes"]
 
 
-def test_activation_budget_is_refused_for_cuda_and_bad_sizes_are_named():
+def test_bad_activation_budgets_are_named():
     model, inputs = zoo.get("transformer")
-    ctx = PassContext(config={"target_kind": "cuda"})
-    with pytest.raises(PassError, match="spilling activations runs on CPU targets only"):
-        _ir(model, inputs, "O1,place-memory{activation_budget=50%,budget=1M}", ctx)
     with pytest.raises(PassError, match="activation_budget=lots: not a size"):
         _ir(model, inputs, "O1,place-memory{activation_budget=lots}")
     # a dynamic batch: the spill file's regions would be sized for one batch, so nothing is spilled
     dynamic = capture(model, inputs, keep_op=keep_op_in_capture, dynamic_shapes=({0: torch.export.Dim("B")},)).ir
     with pytest.raises(PassError, match="minimum feasible activation budget is 57344 bytes"):
         PassManager("O1,place-memory{activation_budget=49152}").run(dynamic)
+
+
+def test_spills_compile_for_cuda_homed_on_the_host_and_calling_without_a_gpu_is_a_clear_error():
+    model, inputs = zoo.get("transformer")
+    compiled = orca_compiler.compile(model, inputs, target="cuda",
+                                     pipeline="O1,place-memory{budget=1M,activation_budget=49152}")
+    stats = _place_stats(compiled)
+    assert stats["spilled"] > 0 and stats["activation_peak"] <= 49152
+    spills = [n for n in compiled.ir.compute_nodes() if n.target is SPILL]
+    assert spills and all(n.meta["orca_annotations"]["tier"] == "host" for n in spills)
+    assert compiled.report.fallbacks == []
+    spill_file = spill_file_of(compiled)
+    assert isinstance(spill_file, spilling_cuda.CudaSpillFile) and spill_file._backend is None  # no torch.cuda yet
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(TargetError, match="no cuda device"):
+        compiled(*inputs)
+
+
+class FakeSpillDevice:
+    """CPU memory standing in for the device and its pinned host memory: copies run at once and
+    are logged in the order the host issues them."""
+
+    def __init__(self):
+        self.log: list[tuple] = []
+
+    def pinned_buffer(self, nbytes):
+        self.log.append(("pinned", nbytes))
+        return torch.full((max(nbytes, 1),), 0xAB, dtype=torch.uint8)  # garbage until spilled into
+
+    def to_host(self, region, x):
+        assert region.shape == x.shape and region.dtype == x.dtype
+        region.copy_(x)
+        self.log.append(("to_host", region.data_ptr()))
+
+    def to_device(self, region):
+        self.log.append(("to_device", region.data_ptr()))
+        return region.clone()
+
+
+def test_cuda_spills_against_a_fake_device(monkeypatch):
+    """Bound as for a CUDA build (spill and reload as host ops between partitions, a
+    CudaSpillFile): outputs equal eager over calls, the pinned buffer is made once and is no larger
+    than the bytes spilled, each reload reads what a spill of the same call wrote, and the copies
+    are the pass's."""
+    device = FakeSpillDevice()
+    monkeypatch.setattr(importlib.import_module("orca_compiler.lowering.lower"), "vm_op_impl", lambda node, kind: None)
+    monkeypatch.setattr(spilling, "program_kinds", lambda parent: {"cuda"})
+    monkeypatch.setattr(spilling_cuda, "make_backend", lambda: device)
+    model, inputs = _hourglass()
+    budget = plan_activations(_ir(model, inputs, "O1")[0]).peak * 90 // 100
+    compiled = orca_compiler.compile(model, inputs, pipeline=f"O1,place-memory{{activation_budget={budget}}}",
+                                     kernels="tvm", cache="off", eager_guard=False)
+    stats = _place_stats(compiled)
+    spill_file = spill_file_of(compiled)
+    assert isinstance(spill_file, spilling_cuda.CudaSpillFile) and compiled.report.partitions >= 2
+    for _ in range(2):
+        spill_file.reset_counters()
+        start = len(device.log)
+        assert_outputs_close(_eager(model, inputs), compiled(*inputs))
+        moved = spill_file.stats()
+        assert moved["bytes_spilled"] == moved["bytes_reloaded"] == stats["spilled_bytes"] > 0
+        assert moved["spills"] == moved["reloads"] == stats["spilled"] and moved["device"] == "cuda"
+        written = set()
+        for kind, ptr in device.log[start:]:
+            if kind == "to_host":
+                written.add(ptr)
+            elif kind == "to_device":
+                assert ptr in written, "a reload read a region no spill of this call wrote"
+    assert [e for e in device.log if e[0] == "pinned"] == [("pinned", spill_file.size)]
+    assert spill_file.size <= stats["spilled_bytes"]

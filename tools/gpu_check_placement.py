@@ -13,6 +13,10 @@ the weights file and the pinned staging buffer). For each it checks:
 - after a warm-up call, over one call: the pool's high-water mark <= its capacity (the pass's
   pool_bytes), bytes moved == the plan's bytes_moved, copies == weights streamed;
 and prints ms per call (median of --repeats, each synchronized) and the slowdown against 100%.
+Then activation spilling (lowering/spilling_cuda.py) on --spill-models: each compiled with
+`activation_budget` at its minimum (spilled activations in pinned host memory), checked against
+eager over two calls, its CudaSpillFile's bytes against the pass's spilled_bytes, and timed
+against the same model unspilled.
 It stops starting new models once --deadline seconds have passed (default 400, well under the
 8 minutes a device check may take) and says which it skipped. Exit status 1 if any check failed.
 
@@ -135,6 +139,55 @@ def check_model(oc, name: str, repeats: int) -> list[dict]:
     return rows
 
 
+def check_spills(oc, name: str, repeats: int) -> dict:
+    """The model at its minimum activation budget on CUDA against eager and against itself unspilled."""
+    from orca_compiler import zoo
+    from orca_compiler.lowering.spilling import spill_file_of
+    from orca_compiler.lowering.spilling_cuda import CudaSpillFile
+
+    model, inputs = zoo.get(name)
+    model, inputs = model.cuda().eval(), _to_cuda(inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+    row, problems = {"model": name}, []
+    try:
+        def build(options):
+            return oc.compile(model, inputs, target="cuda", pipeline=f"O1,place-memory{{budget=100%{options}}}",
+                              kernels="tvm", cache="off", eager_guard=False)
+
+        try:
+            build(",activation_budget=1000")
+            raise AssertionError("an activation budget of 1,000 bytes compiled")
+        except oc.OrcaError as exc:
+            minimum = re.search(r"minimum feasible activation budget is (\d+) bytes", str(exc)).group(1)
+        spilled, plain = build(f",activation_budget={minimum}"), build("")
+        stats = spilled.report.passes[-1].stats
+        row.update(minimum=int(minimum), spilled=stats["spilled"], spilled_bytes=stats["spilled_bytes"])
+        spill_file = spill_file_of(spilled)
+        if not isinstance(spill_file, CudaSpillFile):
+            problems.append(f"spills through {type(spill_file).__name__}, not CudaSpillFile")
+        for _ in range(2):
+            spill_file.reset_counters()
+            err, ok = _max_error(expected, spilled(*inputs))
+            torch.cuda.synchronize()
+            row["max_err"] = max(row.get("max_err", 0.0), err)
+            if not ok:
+                problems.append("outputs differ from eager")
+            moved = spill_file.stats()
+            if not moved["bytes_spilled"] == moved["bytes_reloaded"] == stats["spilled_bytes"]:
+                problems.append(f"moved {moved}, plan {stats['spilled_bytes']} bytes")
+        row["ms"], row["ms_unspilled"] = _ms_per_call(spilled, inputs, repeats), _ms_per_call(plain, inputs, repeats)
+    except Exception as exc:  # report and go on
+        problems.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        traceback.print_exc(limit=4)
+    row["ok"], row["problems"] = not problems, problems
+    print(f"spill {name:<11} min {row.get('minimum', '-')} B, {row.get('spilled', '-')} spills of "
+          f"{row.get('spilled_bytes', '-')} B: {row.get('ms', float('nan')):.3f} ms vs "
+          f"{row.get('ms_unspilled', float('nan')):.3f} unspilled, max err {row.get('max_err', float('nan')):.1e}  "
+          f"{'ok' if row['ok'] else 'FAIL: ' + '; '.join(problems)}", flush=True)
+    return row
+
+
 def _format(row: dict) -> str:
     ms = f"{row['ms']:.3f}" if "ms" in row else "-"
     slow = f"{row['slowdown']:.2f}x" if "slowdown" in row else "-"
@@ -149,6 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=ORDER)
     parser.add_argument("--deadline", type=float, default=400.0, help="seconds after which no new model starts")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--spill-models", nargs="*", default=["transformer", "hourglass"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device (torch.cuda.is_available() is False): nothing to check", file=sys.stderr)
@@ -165,6 +219,11 @@ def main(argv=None) -> int:
             skipped.append(name)
             continue
         rows += check_model(oc, name, args.repeats)
+    for name in args.spill_models:
+        if time.perf_counter() - start > args.deadline:
+            skipped.append(f"spill {name}")
+            continue
+        rows.append(check_spills(oc, name, args.repeats))
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} checks passed in {time.perf_counter() - start:.0f} s"
           + (f"; skipped (deadline): {', '.join(skipped)}" if skipped else ""))

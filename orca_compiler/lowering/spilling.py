@@ -13,6 +13,9 @@ The file's pages are the kernel's page cache: written back to the disk and dropp
 under memory pressure, as any mapped file. The file is deleted with the SpillFile. The counters
 (`stats()`) say what moved per call. Both ops run on the calling thread, one call at a time per
 compiled module.
+
+Where the ops are left between TVM partitions, `bind_spills` binds them instead. That is a CUDA
+build, whose spilled copies go to pinned host memory (spilling_cuda.CudaSpillFile).
 """
 from __future__ import annotations
 
@@ -26,11 +29,26 @@ import torch.fx as fx
 from ..memory_plan import _nbytes, place_by_size
 from ..ops.placement import SPILL, SPILL_OPS
 from .extern import ExternImpl
-from .streaming import _remove  # deletes the file, ignoring one already gone
-from .support import extern_state, register_vm_op
+from .streaming import _remove, program_kinds  # _remove: deletes a file, ignoring one already gone
+from .support import extern_state, register_host_op, register_vm_op
 
 
-class SpillFile:
+class SpillCounters:
+    """What a program's spill ops moved since the counters were reset (`size`: the bytes of the
+    slow tier's store, set by the subclass)."""
+
+    size = 0
+
+    def reset_counters(self) -> None:
+        self.bytes_spilled = self.bytes_reloaded = self.spills = self.reloads = 0
+
+    def stats(self) -> dict:
+        """Bytes and copies spilled and reloaded since the counters were reset; the store's size."""
+        return {"file_bytes": self.size, "bytes_spilled": self.bytes_spilled, "bytes_reloaded": self.bytes_reloaded,
+                "spills": self.spills, "reloads": self.reloads}
+
+
+class SpillFile(SpillCounters):
     """The spilled activations of one program: a mapped file and the region of each spill node."""
 
     def __init__(self, regions: dict[str, tuple[int, torch.Tensor]], size: int):
@@ -67,14 +85,6 @@ class SpillFile:
         self.bytes_reloaded += out.nbytes
         self.reloads += 1
         return out
-
-    def reset_counters(self) -> None:
-        self.bytes_spilled = self.bytes_reloaded = self.spills = self.reloads = 0
-
-    def stats(self) -> dict:
-        """Bytes and copies spilled and reloaded since the counters were reset; the file's size."""
-        return {"file_bytes": self.size, "bytes_spilled": self.bytes_spilled, "bytes_reloaded": self.bytes_reloaded,
-                "spills": self.spills, "reloads": self.reloads}
 
 
 def spill_regions(gm: fx.GraphModule) -> tuple[dict[str, tuple[int, torch.Tensor]], int]:
@@ -119,11 +129,39 @@ def vm_call(node: fx.Node, args, kwargs):
     return run
 
 
-def spill_file_of(module) -> SpillFile | None:
-    """The SpillFile of a compiled module (or its program), None if it spills nothing."""
-    return extern_state(module, "spill_file")
+def bind_spills(parent: fx.GraphModule, source: fx.GraphModule | None = None) -> None:
+    """Make `parent`'s spill and reload nodes, left between its TVM partitions, run against one
+    store of spilled copies: a spilling_cuda.CudaSpillFile (pinned host memory) where the
+    partitions are built for CUDA, else a SpillFile. Each spill node gets its own name as a first
+    argument (its region); the store is kept on `parent` (spill_file_of)."""
+    nodes = [n for n in parent.graph.nodes if n.op == "call_function" and n.target in SPILL_OPS]
+    if not nodes:
+        return
+    regions, size = spill_regions(parent)
+    if "cuda" in program_kinds(parent):
+        from .spilling_cuda import CudaSpillFile
+
+        spill_file = CudaSpillFile(regions, size)
+    else:
+        spill_file = SpillFile(regions, size)
+    for node in nodes:
+        if node.target is SPILL:
+            node.args = (node.name, *node.args)
+            node.target = spill_file.spill
+        else:
+            node.target = spill_file.reload
+    parent.orca_spill_file = spill_file
+
+
+def spill_file_of(module) -> SpillCounters | None:
+    """The store of spilled copies of a compiled module (or its program), None if it spills
+    nothing: kept on the program where the spill ops run between partitions (CUDA), else held by
+    the external kernels of its TVM program."""
+    spill_file = getattr(getattr(module, "program", module), "orca_spill_file", None)
+    return spill_file if spill_file is not None else extern_state(module, "spill_file")
 
 
 SPILL_IMPL = ExternImpl("spill", SPILL_OPS, vm_call)
 for _op in SPILL_OPS:
+    register_host_op(_op, bind_spills)  # on CUDA: copies to and from pinned host memory (spilling_cuda)
     register_vm_op(_op, SPILL_IMPL, kinds=("cpu",))
