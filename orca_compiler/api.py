@@ -91,7 +91,8 @@ def compile(
     from disk; "read-only": use the disk cache but never write it; "off"), `cache_dir` (the disk
     cache's folder; default $ORCA_COMPILE_CACHE_DIR or `orca_compiler.cache_dir.cache_dir()/compiled`;
     see docs/caching.md), `eager_guard` (default True, or $ORCA_EAGER_GUARD: on CPU, time the
-    compiled program against the model in eager PyTorch and run eager where it is faster; see
+    compiled program against the model in eager PyTorch and run eager unless the compiled
+    program is at least eager_guard.MARGIN (5%) faster; see
     orca_compiler/eager_guard.py). Assumes an inference model (model.eval()).
     """
     unknown = sorted(set(options) - set(_OPTIONS))

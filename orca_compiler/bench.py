@@ -271,7 +271,7 @@ def markdown(result: dict) -> str:
                         if b in r["ms"] else "failed" for b in backends),
                       r["best_peer"], *(_cell(r["orca_vs_best_peer"], o, ".2f", "x") for o in orca),
                       f"{max(r['max_abs_err'].values()):.1e}" if r["max_abs_err"] else "-"] for r in rows])
-    lines += ["", "`*`: compile()'s eager guard timed the compiled program slower than eager and runs the model",
+    lines += ["", "`*`: compile()'s eager guard did not time the compiled program faster than eager and runs the model",
               "in eager PyTorch instead (orca_compiler/eager_guard.py); such a cell times eager behind",
               "compile()'s input check, about 5 us of Python a call, within the run-to-run noise of a ~0.2 ms model."]
     g = result["geomean"]

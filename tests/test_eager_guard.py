@@ -33,9 +33,11 @@ def test_eager_runs_where_it_is_faster_and_the_report_says_so(monkeypatch):
         torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("compiled_s,eager_s,chose", [(1e-4, 2e-4, "compiled"), (1e-4, 1e-4, "compiled"),
+@pytest.mark.parametrize("compiled_s,eager_s,chose", [(1e-4, 2e-4, "compiled"), (0.95e-4, 1e-4, "compiled"),
+                                                      (0.97e-4, 1e-4, "eager"), (1e-4, 1e-4, "eager"),
                                                       (1.0e-4, 0.97e-4, "eager")])
-def test_the_compiled_program_stays_only_where_it_is_at_least_as_fast(monkeypatch, compiled_s, eager_s, chose):
+def test_the_compiled_program_stays_only_where_it_is_faster_by_the_margin(monkeypatch, compiled_s, eager_s, chose):
+    """Within eager_guard.MARGIN (5%) of eager, eager runs: that close, the timing is a coin flip."""
     _fake_times(monkeypatch, compiled_s, eager_s)
     model, inputs = zoo.get("mlp", batch_size=1)
     compiled = oc.compile(model, inputs, kernels="torch", cache="off")
