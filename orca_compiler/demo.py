@@ -6,7 +6,7 @@ import time
 import torch
 from torch.utils import _pytree as pytree
 
-from . import zoo
+from . import eager_guard, zoo
 from .api import compile as orca_compile
 from .timing import time_interleaved
 
@@ -38,17 +38,13 @@ def run_demo(models: list[str] | None = None, *, pipeline: str = "O1", target="l
                                  min_seconds=1.0, pause=0.01)
         row = {"model": name, "compile_s": compile_s, "eager_ms": times["eager"] * 1e3, "orca_ms": times["orca"] * 1e3,
                "speedup": times["eager"] / times["orca"], "max_abs_err": error,
-               "fallbacks": len(compiled.report.all_fallbacks()), "runs": _runs(compiled)}
+               "fallbacks": len(compiled.report.all_fallbacks()),
+               "runs": "eager" if eager_guard.ran_eager(compiled) else "compiled"}
         rows.append(row)
         out(f"{name:<12}{compile_s:>10.1f}{row['eager_ms']:>10.3f}{row['orca_ms']:>10.3f}{row['speedup']:>8.2f}x"
             f"{error:>13.2e}  {row['fallbacks']:<9}  {row['runs']}")
     if any(row["runs"] != "compiled" for row in rows):
-        out("runs = eager: the eager guard timed the compiled program less than 5% faster than eager, so compile() "
-            "runs the model itself; the difference left is a few microseconds of input checks and noise")
+        out(f"runs = eager: the eager guard timed the compiled program less than {eager_guard.MARGIN:.0%} faster than "
+            "eager, so compile() runs the model itself; the difference left is a few microseconds of input checks "
+            "and noise")
     return rows
-
-
-def _runs(compiled) -> str:
-    """What a call of `compiled` runs: the compiled program, or eager (the eager guard's choice)."""
-    guard = compiled.report.eager_guard
-    return "eager" if guard is not None and guard.chose == "eager" else "compiled"

@@ -92,6 +92,12 @@ def time_both(compiled, fallback, inputs: tuple) -> tuple[float, float]:
     return times["compiled"], times["eager"]
 
 
+def ran_eager(compiled) -> bool:
+    """Whether the guard replaced `compiled`'s program (a CompiledModule) by the model in eager."""
+    guard = compiled.report.eager_guard
+    return guard is not None and guard.chose == "eager"
+
+
 def compare(compiled, fallback, inputs: tuple) -> GuardResult:
     """Time both modules and pick: the compiled program only where it is faster than eager by at
     least MARGIN."""

@@ -182,7 +182,7 @@ def return_single_output_bare(mod):
     """`mod` with its "main" returning its one output itself where it returns a 1-tuple (unchanged
     otherwise). The VM hands a returned tensor back as a torch tensor, where each element read
     from a returned tuple is converted on access: ~2 us less per call (runtime.TVMGraphModule
-    accepts both). Assumes `mod` is import_relax's, which `mod` may be changed in place."""
+    accepts both). Assumes `mod` is import_relax's output, which it may change in place."""
     from tvm import relax
 
     main = mod["main"]
