@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/orca demo
 
+# Two workers, a test module (or class) per worker at a time, so module fixtures are built once:
+# 13 min on our 2-core machines where one worker took 24.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 # The benchmark of docs/benchmarks.md (many minutes): installs the peers (onnxruntime) first.
 bench: setup
