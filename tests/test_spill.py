@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import weakref
 
 import pytest
 import torch
@@ -184,11 +185,15 @@ def test_spills_compile_for_cuda_homed_on_the_host_and_calling_without_a_gpu_is_
 
 
 class FakeSpillDevice:
-    """CPU memory standing in for the device and its pinned host memory: copies run at once and
-    are logged in the order the host issues them."""
+    """CPU memory standing in for the device and its pinned host memory, with a side stream that
+    runs a spill's copy only when the compute stream waits for its event (the latest a real GPU
+    may run it). Host calls are logged in order."""
 
     def __init__(self):
         self.log: list[tuple] = []
+        self.spill_file = None  # the CudaSpillFile using this device, set by the test
+        self.pending: dict[int, tuple] = {}  # event -> (region, weakref to the spilled tensor)
+        self.last_event = 0
 
     def pinned_buffer(self, nbytes):
         self.log.append(("pinned", nbytes))
@@ -196,12 +201,40 @@ class FakeSpillDevice:
 
     def to_host(self, region, x):
         assert region.shape == x.shape and region.dtype == x.dtype
+        self.last_event += 1
+        self.pending[self.last_event] = (region, weakref.ref(x))
+        self.log.append(("to_host", region.data_ptr(), self.last_event))
+        return self.last_event
+
+    def wait(self, event):
+        region, source = self.pending.pop(event)
+        x = source()
+        # TVM reuses a tensor's bytes once nothing holds it: the spill file must hold it until here
+        assert x is not None and any(held is x for held, _ in self.spill_file._in_flight), \
+            "a spilled tensor was let go before the compute stream waited for its copy"
         region.copy_(x)
-        self.log.append(("to_host", region.data_ptr()))
+        self.log.append(("wait", event))
 
     def to_device(self, region):
+        assert all(r.data_ptr() != region.data_ptr() for r, _ in self.pending.values()), \
+            "a reload read a region before the compute stream waited for the copy into it"
         self.log.append(("to_device", region.data_ptr()))
         return region.clone()
+
+
+def _log_spill_returns(parent, spill_file, device) -> None:
+    """Log ("spill returned", the copy it issued, the copies then pending) after each spill node of
+    `parent` runs."""
+    def spill(*args):
+        region = spill_file.spill(*args)
+        device.log.append(("spill returned", device.last_event, tuple(device.pending)))
+        return region
+
+    nodes = [n for n in parent.graph.nodes if n.op == "call_function" and n.target == spill_file.spill]
+    assert nodes
+    for node in nodes:
+        node.target = spill
+    parent.recompile()
 
 
 def test_cuda_spills_against_a_fake_device(monkeypatch):
@@ -220,6 +253,8 @@ def test_cuda_spills_against_a_fake_device(monkeypatch):
     stats = _place_stats(compiled)
     spill_file = spill_file_of(compiled)
     assert isinstance(spill_file, spilling_cuda.CudaSpillFile) and compiled.report.partitions >= 2
+    device.spill_file = spill_file
+    _log_spill_returns(compiled.program, spill_file, device)
     for _ in range(2):
         spill_file.reset_counters()
         start = len(device.log)
@@ -227,11 +262,15 @@ def test_cuda_spills_against_a_fake_device(monkeypatch):
         moved = spill_file.stats()
         assert moved["bytes_spilled"] == moved["bytes_reloaded"] == stats["spilled_bytes"] > 0
         assert moved["spills"] == moved["reloads"] == stats["spilled"] and moved["device"] == "cuda"
-        written = set()
-        for kind, ptr in device.log[start:]:
+        written, log = set(), device.log[start:]
+        for kind, *rest in log:
             if kind == "to_host":
-                written.add(ptr)
+                written.add(rest[0])
             elif kind == "to_device":
-                assert ptr in written, "a reload read a region no spill of this call wrote"
+                assert rest[0] in written, "a reload read a region no spill of this call wrote"
+        assert sorted(e[1] for e in log if e[0] == "wait") == sorted(e[2] for e in log if e[0] == "to_host")
+        # each copy overlaps the partition after its spill: the spill returns with it still pending
+        returns = [e for e in log if e[0] == "spill returned"]
+        assert len(returns) == stats["spilled"] and all(copy in pending for _, copy, pending in returns)
     assert [e for e in device.log if e[0] == "pinned"] == [("pinned", spill_file.size)]
     assert spill_file.size <= stats["spilled_bytes"]
