@@ -129,6 +129,29 @@ class DataDependent(nn.Module):
         return self.post(torch.relu(y))
 
 
+class SpectrumNet(nn.Module):
+    """rfft (no TVM converter) -> abs (a complex input, a float32 output) -> linear: only the two
+    ops that touch a complex tensor are TVM's to refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(17, 4)
+
+    def forward(self, x):
+        return self.head(torch.fft.rfft(x).abs() + 1.0)
+
+
+def test_an_op_reading_a_complex_tensor_falls_back_alone_and_names_it():
+    torch.manual_seed(0)
+    model, inputs = SpectrumNet().eval(), (torch.randn(3, 32),)
+    compiled = oc.compile(model, inputs, cache="off")
+    reasons = {f.op: f.reason for f in compiled.report.fallbacks}
+    assert set(reasons) == {"_fft_r2c", "abs"}
+    assert reasons["abs"] == "its input %_fft_r2c is a torch.complex64 tensor, which is not lowered"
+    assert compiled.report.partitions == 1  # the add and the linear after abs: TVM's
+    assert_outputs_close(model(*inputs), compiled(*inputs))
+
+
 def test_capture_failure_compiles_through_graph_breaks():
     model = DataDependent().eval()
     x = torch.randn(3, 8)

@@ -173,7 +173,8 @@ def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: Resolv
         with target.tvm_target if target is not None else contextlib.nullcontext():
             return importer.from_exported_program(ep, False, False, False, converters or None)
     except Exception as exc:
-        error = LoweringError(f"TVM could not convert %{importer.current_node}: {tvm_error_summary(exc)}")
+        where = f"%{importer.current_node}" if importer.current_node else "the graph (its inputs, before any node)"
+        error = LoweringError(f"TVM could not convert {where}: {tvm_error_summary(exc)}")
         error.node = importer.current_node
         raise error from exc
 

@@ -180,9 +180,20 @@ def _tvm_reason(node: fx.Node) -> str | None:
         return None
     if not _is_convertible(node.target):
         return f"no TVM converter for {node.target}"
-    for value in [node.meta.get("val")]:
-        leaves = value if isinstance(value, (tuple, list)) else [value]
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor) and (leaf.is_complex() or leaf.is_sparse):
-                return f"{leaf.dtype} {'sparse ' if leaf.is_sparse else ''}tensors are not lowered"
+    kind = _untyped_in_tvm(node.meta.get("val"))
+    if kind is not None:
+        return f"{kind} tensors are not lowered"
+    for operand in node.all_input_nodes:  # TVM's importer takes no complex or sparse input either
+        kind = _untyped_in_tvm(operand.meta.get("val"))
+        if kind is not None:
+            return f"its input %{operand.name} is a {kind} tensor, which is not lowered"
+    return None
+
+
+def _untyped_in_tvm(value) -> str | None:
+    """The kind of tensor in `value` (a tensor or a tuple of them) that TVM has no type for: a
+    complex dtype ("torch.complex64") or a sparse layout ("torch.float32 sparse"); None if none."""
+    for leaf in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(leaf, torch.Tensor) and (leaf.is_complex() or leaf.is_sparse):
+            return f"{leaf.dtype}{' sparse' if leaf.is_sparse else ''}"
     return None
