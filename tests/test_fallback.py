@@ -152,6 +152,33 @@ def test_an_op_reading_a_complex_tensor_falls_back_alone_and_names_it():
     assert_outputs_close(model(*inputs), compiled(*inputs))
 
 
+class UpsampleNet(nn.Module):
+    """conv -> pixel_shuffle -> conv. TVM 0.27's frontend converts pixel_shuffle, but its lowering
+    calls topi.nn.pixel_shuffle, which this wheel lacks: the build fails with no node named."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(nn.functional.pixel_shuffle(torch.relu(self.a(x)), 2))
+
+
+def test_an_op_tvm_cannot_lower_falls_back_alone_and_is_named():
+    import tvm.topi
+
+    if hasattr(tvm.topi.nn, "pixel_shuffle"):
+        pytest.skip("this TVM lowers pixel_shuffle: the premise of the test is gone")
+    model, inputs = UpsampleNet().eval(), _inputs()
+    compiled = oc.compile(model, inputs, cache="off")
+    [fallback] = compiled.report.fallbacks
+    assert fallback.op == "pixel_shuffle"
+    assert fallback.reason.startswith("TVM could not build %pixel_shuffle (pixel_shuffle) for llvm:")
+    assert compiled.report.partitions == 2  # the convs on either side stay TVM's
+    assert_outputs_close(model(*inputs), compiled(*inputs))
+
+
 def test_capture_failure_compiles_through_graph_breaks():
     model = DataDependent().eval()
     x = torch.randn(3, 8)

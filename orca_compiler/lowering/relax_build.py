@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 
+import torch
 import torch.fx as fx
 
 from ..errors import LoweringError, OrcaError
 from ..ir import to_exported_program
+from ..printer import op_name
 from .support import custom_converters
 from .target import ResolvedTarget
 
@@ -231,9 +234,56 @@ def build_executable(gm: fx.GraphModule, target: ResolvedTarget, *, what: str = 
     except OrcaError:  # ours already say what is wrong (a bad tuning database)
         raise
     except Exception as exc:
+        culprit = failing_op(gm, externs, target)
+        if culprit is not None:
+            what = f"%{culprit.name} ({op_name(culprit)})"
         error = LoweringError(f"TVM could not build {what} for {target.tvm_target.kind.name}: {tvm_error_summary(exc)}")
-        error.node = None
+        error.node = None if culprit is None else culprit.name
         raise error from exc
+
+
+def failing_op(gm: fx.GraphModule, externs: dict | None, target: ResolvedTarget) -> fx.Node | None:
+    """After `gm` failed to build: the first of its TVM ops that fails alone, imported into a graph
+    of its own and legalized to TIR (the stage where an op TVM's frontend converts but cannot lower,
+    like this wheel's pixel_shuffle, fails); None if each passes. Only run on the failure path: it
+    imports every op once."""
+    from tvm import relax
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem or node.name in (externs or {}):
+            continue
+        try:
+            mod = import_relax(_single_op_module(gm, node), None, target)
+            with target.tvm_target:
+                relax.transform.LegalizeOps()(mod)
+        except Exception:
+            return node
+    return None
+
+
+def _single_op_module(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
+    """A GraphModule of `node` alone: its activations as inputs, its weights as `gm`'s, its tensor
+    results as outputs."""
+    graph, env, weights = fx.Graph(), {}, {}
+    for operand in node.all_input_nodes:
+        if operand.op == "get_attr":
+            weights[operand.target] = getattr(gm, operand.target)
+            env[operand] = graph.get_attr(operand.target)
+        else:
+            env[operand] = graph.placeholder(operand.name)
+        env[operand].meta = dict(operand.meta)
+    copy = graph.node_copy(node, env.__getitem__)
+    value = node.meta.get("val")
+    if isinstance(value, (tuple, list)):
+        outputs = []
+        for i, leaf in enumerate(value):
+            if isinstance(leaf, torch.Tensor):
+                outputs.append(graph.call_function(operator.getitem, (copy, i)))
+                outputs[-1].meta = {"val": leaf}
+    else:
+        outputs = [copy]
+    graph.output(tuple(outputs))
+    return fx.GraphModule(weights, graph)
 
 
 def cuda_source(executable) -> str:
