@@ -43,3 +43,46 @@ def test_sdpa_keeps_its_scale_mask_and_causality(options):
     inputs = (torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16), torch.randn(8, 8))
     compiled = oc.compile(model, inputs, pipeline="O1", kernels="tvm", fullgraph=True)
     assert_outputs_close(model(*inputs), compiled(*inputs))
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (2, 3, 7, 9)])
+@pytest.mark.parametrize("options", [
+    {"size": (7, 7)},  # 8 -> 7 was off by whole pixels (TVM's half_pixel rule)
+    {"size": (11, 5)},
+    {"scale_factor": 2},
+    {"scale_factor": 0.5},
+    {"scale_factor": 1.5},
+], ids=["size7", "size11x5", "x2", "x0.5", "x1.5"])
+def test_nearest_interpolation_maps_pixels_as_torch_does(shape, options):
+    model = _Fn(lambda x: torch.nn.functional.interpolate(x, mode="nearest", **options))
+    inputs = (torch.randn(*shape),)
+    compiled = oc.compile(model, inputs, cache="off")
+    assert_outputs_close(model(*inputs), compiled(*inputs), rtol=0, atol=0)
+    # where scale x size is not whole (7 x 1.5), torch's 1/scale is not out/in: that op runs eager
+    scale = options.get("scale_factor")
+    inexact = scale is not None and any(scale * size != int(scale * size) for size in shape[2:])
+    refused = [f for f in compiled.report.fallbacks if f.op == "upsample_nearest2d.vec"]
+    assert bool(refused) == inexact
+    assert all("torch maps pixels by 1/scale" in f.reason for f in refused)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.std(dim=(2, 3)),     # was the biased std: off by sqrt(n / (n - 1))
+    lambda x: x.std(dim=(2, 3), keepdim=True),
+    lambda x: x.std(),
+    lambda x: x.std(dim=1, correction=0),
+    lambda x: x.std(dim=-1, correction=2),
+], ids=["dims", "keepdim", "all", "correction0", "correction2"])
+def test_std_applies_the_correction(fn):
+    model, inputs = _Fn(fn), (torch.randn(2, 8, 7, 9) * 3 + 1,)
+    compiled = oc.compile(model, inputs, cache="off", fullgraph=True)
+    assert_outputs_close(model(*inputs), compiled(*inputs))

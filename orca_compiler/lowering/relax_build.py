@@ -77,11 +77,12 @@ def _tracking_importer(externs: dict | None = None):
     from tvm import relax
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+    from .importer_fixes import ImporterFixes
     from .low_precision import LowPrecisionImporter
 
     externs = externs or {}
 
-    class TrackingImporter(LowPrecisionImporter, ExportedProgramImporter):
+    class TrackingImporter(ImporterFixes, LowPrecisionImporter, ExportedProgramImporter):
         current_node: str | None = None
         # The weight tensors by the name of the placeholder that stands for them (import_relax
         # fills it): converters that transform a weight at conversion time read it here, as

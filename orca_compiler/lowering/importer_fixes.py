@@ -1,0 +1,46 @@
+"""Converters of TVM 0.27's torch importer that give wrong results, replaced (relax_build mixes
+`ImporterFixes` into the importer it uses). Each was found by comparing with eager:
+
+- `std.correction`: TVM emits the biased std whatever the correction (x.std(dim) was off by a
+  factor sqrt(n / (n - 1))). Here it is the square root of TVM's own `var.correction`, which
+  applies the correction.
+- `upsample_nearest2d.vec` (F.interpolate(mode="nearest")): TVM maps output pixel i to the input
+  pixel nearest to (i + 0.5) * in / out - 0.5 ("half_pixel"); torch takes floor(i * in / out),
+  with in / out replaced by 1 / scale_factor when one is given. They agree on integer upscales
+  only (8 -> 7 pixels was off by whole pixels). Here it is resize2d with "asymmetric" coordinates
+  and floor rounding, torch's rule, where the sizes are static; a scale factor whose inverse is
+  not in / out is refused (the op then runs in eager), as resize2d has no scale of its own.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+
+class ImporterFixes:
+    """Mixed into an ExportedProgramImporter subclass before it: the converters above."""
+
+    def _std(self, node: fx.Node):
+        from tvm import relax
+
+        if getattr(node.target, "_overloadname", None) != "correction":
+            return super()._std(node)
+        return self.block_builder.emit(relax.op.sqrt(self._var_correction(node)))
+
+    def _upsample_nearest2d(self, node: fx.Node):
+        from tvm import relax
+
+        source, result = node.args[0].meta.get("val"), node.meta.get("val")
+        sizes_in = [int(s) if isinstance(s, int) else None for s in source.shape[2:]]
+        sizes_out = [int(s) if isinstance(s, int) else None for s in result.shape[2:]]
+        if None in sizes_in + sizes_out:
+            return super()._upsample_nearest2d(node)  # symbolic sizes: TVM's (right on integer upscales)
+        scales = node.args[2] if len(node.args) > 2 else node.kwargs.get("scale_factors")
+        if scales is not None:
+            for scale, size_in, size_out in zip(scales, sizes_in, sizes_out):
+                if float(scale) * size_in != size_out:
+                    raise NotImplementedError(
+                        f"nearest interpolation by scale factor {scale} from {size_in} to {size_out} pixels: "
+                        "torch maps pixels by 1/scale, TVM's resize2d by in/out")
+        return self.block_builder.emit(relax.op.image.resize2d(
+            self.env[node.args[0]], tuple(sizes_out), layout="NCHW", method="nearest_neighbor",
+            coordinate_transformation_mode="asymmetric", rounding_method="floor"))
