@@ -86,3 +86,34 @@ def test_std_applies_the_correction(fn):
     model, inputs = _Fn(fn), (torch.randn(2, 8, 7, 9) * 3 + 1,)
     compiled = oc.compile(model, inputs, cache="off", fullgraph=True)
     assert_outputs_close(model(*inputs), compiled(*inputs))
+
+
+class _Gather(torch.nn.Module):
+    def forward(self, x, rows):
+        return x[:, [-1, 0, -3]] * 2, x[rows] + 1, x[rows, -2]
+
+
+def test_negative_indices_in_index_tensors():
+    # x[:, [-1, 0]] gave errors of ~18 before: TVM's take read out of bounds, as for select
+    model = _Gather()
+    inputs = (torch.randn(5, 6), torch.tensor([-1, 2, -5, 0]))
+    compiled = oc.compile(model, inputs, cache="off", fullgraph=True)
+    assert_outputs_close(model(*inputs), compiled(*inputs), rtol=0, atol=0)
+    other_rows = torch.tensor([4, -2, -4, 1])  # run-time indices: wrapped in the program, not at compile time
+    assert_outputs_close(model(inputs[0], other_rows), compiled(inputs[0], other_rows), rtol=0, atol=0)
+
+
+class _IntegerMean(torch.nn.Module):
+    def forward(self, counts, x):
+        return counts / 3 + x
+
+
+def test_a_converter_giving_another_dtype_than_torch_sends_that_op_to_eager():
+    # int64 / 3 is float32 in torch; TVM's converter kept int64 (integer division: 0.67 off)
+    model = _IntegerMean()
+    inputs = (torch.randint(-20, 20, (4, 6)), torch.randn(4, 6))
+    compiled = oc.compile(model, inputs, cache="off")
+    [fallback] = compiled.report.fallbacks
+    assert fallback.reason == "TVM's converter for %div (div.Tensor) gives int64, where torch gives float32"
+    assert compiled.report.partitions == 1  # the add after it stays TVM's
+    assert_outputs_close(model(*inputs), compiled(*inputs))

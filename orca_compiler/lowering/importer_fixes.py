@@ -10,9 +10,13 @@
   only (8 -> 7 pixels was off by whole pixels). Here it is resize2d with "asymmetric" coordinates
   and floor rounding, torch's rule, where the sizes are static; a scale factor whose inverse is
   not in / out is refused (the op then runs in eager), as resize2d has no scale of its own.
+- `index.Tensor` (x[:, [-1, 0]], x[idx]): TVM's `take` reads a negative index out of bounds.
+  Here each integer index tensor of a static-sized dimension is wrapped first
+  (where(i < 0, i + size, i)), as relax_build does for `select`'s constant index.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 
@@ -44,3 +48,27 @@ class ImporterFixes:
         return self.block_builder.emit(relax.op.image.resize2d(
             self.env[node.args[0]], tuple(sizes_out), layout="NCHW", method="nearest_neighbor",
             coordinate_transformation_mode="asymmetric", rounding_method="floor"))
+
+    def _index_tensor(self, node: fx.Node):
+        from tvm import relax
+
+        source, indices = node.args[0], node.args[1]
+        sizes = source.meta["val"].shape
+        wrapped = {}
+        for axis, index in enumerate(indices):
+            value = index.meta.get("val") if isinstance(index, fx.Node) else None
+            if (index in wrapped or not isinstance(value, torch.Tensor) or value.dtype == torch.bool
+                    or value.is_floating_point() or not isinstance(sizes[axis], int)):
+                continue
+            expr = self.env[index]
+            dtype = str(value.dtype).replace("torch.", "")
+            negative = relax.op.less(expr, relax.const(0, dtype))
+            wrapped[index] = (expr, self.block_builder.emit(
+                relax.op.where(negative, relax.op.add(expr, relax.const(sizes[axis], dtype)), expr)))
+        for index, (_, fixed) in wrapped.items():
+            self.env[index] = fixed
+        try:
+            return super()._index_tensor(node)
+        finally:
+            for index, (original, _) in wrapped.items():
+                self.env[index] = original

@@ -94,7 +94,9 @@ def _tracking_importer(externs: dict | None = None):
                 self.current_node = node.name
                 if node.name in externs:
                     return self._emit_extern(node, externs[node.name])
-                return fn(node, *args)
+                result = fn(node, *args)
+                _check_result_type(node, result)
+                return result
 
             return converter
 
@@ -115,6 +117,34 @@ def _tracking_importer(externs: dict | None = None):
             super().update_convert_map({name: self._track(fn) for name, fn in custom_convert_map.items()})
 
     return TrackingImporter()
+
+
+def _check_result_type(node: fx.Node, result) -> None:
+    """Raise LoweringError (naming `node`, which then runs in eager) where TVM's converter gave a
+    tensor of another dtype or static shape than torch records for the node: the importer's type
+    rules are not torch's everywhere (int64 / 3 came out int64, where torch gives float32)."""
+    value = node.meta.get("val")
+    ty = getattr(result, "ty", None)
+    if not isinstance(value, torch.Tensor) or ty is None or not hasattr(ty, "dtype") or ty.dtype is None:
+        return
+    tvm_dtype = str(ty.dtype.dtype if hasattr(ty.dtype, "dtype") else ty.dtype)
+    torch_dtype = str(value.dtype).replace("torch.", "")
+    if tvm_dtype and tvm_dtype != torch_dtype:
+        error = LoweringError(f"TVM's converter for %{node.name} ({op_name(node)}) gives {tvm_dtype}, "
+                              f"where torch gives {torch_dtype}")
+        error.node = node.name
+        raise error
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return
+    tvm_shape = [int(d) if hasattr(d, "value") else None for d in shape.values]
+    torch_shape = [d if isinstance(d, int) else None for d in value.shape]
+    if len(tvm_shape) != len(torch_shape) or any(a is not None and b is not None and a != b
+                                                  for a, b in zip(tvm_shape, torch_shape)):
+        error = LoweringError(f"TVM's converter for %{node.name} ({op_name(node)}) gives shape {tvm_shape}, "
+                              f"where torch gives {list(value.shape)}")
+        error.node = node.name
+        raise error
 
 
 def _normalize_negative_select(graph: fx.Graph) -> None:
@@ -176,6 +206,10 @@ def import_relax(gm: fx.GraphModule, externs: dict | None = None, target: Resolv
     try:
         with target.tvm_target if target is not None else contextlib.nullcontext():
             return importer.from_exported_program(ep, False, False, False, converters or None)
+    except LoweringError as exc:
+        if getattr(exc, "node", None) is None:
+            exc.node = importer.current_node
+        raise
     except Exception as exc:
         where = f"%{importer.current_node}" if importer.current_node else "the graph (its inputs, before any node)"
         error = LoweringError(f"TVM could not convert {where}: {tvm_error_summary(exc)}")
