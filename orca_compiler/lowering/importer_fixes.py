@@ -13,6 +13,12 @@
 - `index.Tensor` (x[:, [-1, 0]], x[idx]): TVM's `take` reads a negative index out of bounds.
   Here each integer index tensor of a static-sized dimension is wrapped first
   (where(i < 0, i + size, i)), as relax_build does for `select`'s constant index.
+- `zeros_like`, `ones_like`, `empty_like` with a `dtype` (what nn.MultiheadAttention makes of a
+  boolean key_padding_mask): TVM kept the input's dtype (bool). Here the result has the dtype
+  torch records for the node.
+- `masked_fill(mask, -inf)` (attention masks): TVM lowers its full_like through topi.full, which
+  fails on an infinite value ("argument of type 'PrimType' is not iterable"). Here it is
+  where(mask, value, x) with the value a scalar constant.
 """
 from __future__ import annotations
 
@@ -72,3 +78,35 @@ class ImporterFixes:
         finally:
             for index, (original, _) in wrapped.items():
                 self.env[index] = original
+
+    def _like(self, node: fx.Node, make):
+        """`make(x, dtype=...)` of the node's input, with the dtype torch records for the node."""
+        dtype = str(node.meta["val"].dtype).replace("torch.", "")
+        return self.block_builder.emit(make(self.env[node.args[0]], dtype=dtype))
+
+    def _zeros_like(self, node: fx.Node):
+        from tvm import relax
+
+        return self._like(node, relax.op.zeros_like)
+
+    def _empty_like(self, node: fx.Node):
+        from tvm import relax
+
+        return self._like(node, relax.op.zeros_like)
+
+    def create_convert_map(self):
+        from tvm import relax
+
+        convert_map = super().create_convert_map()
+        convert_map["ones_like.default"] = lambda node: self._like(node, relax.op.ones_like)
+        return convert_map
+
+    def _masked_fill(self, node: fx.Node):
+        from tvm import relax
+
+        value = node.args[2]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return super()._masked_fill(node)
+        dtype = str(node.meta["val"].dtype).replace("torch.", "")
+        x, mask = self.env[node.args[0]], self.env[node.args[1]]
+        return self.block_builder.emit(relax.op.where(mask, relax.const(value, dtype), x))
