@@ -19,6 +19,10 @@ IMAGE = torch.randn(2, 3, 7, 9, generator=torch.Generator().manual_seed(2)) * 3 
 
 # (x, counts) -> outputs; each must lower whole
 LOWERED = {
+    "true_division": lambda x, c: (c / 3, c / (c.abs() + 1), x / 3),
+    "rounding_division": lambda x, c: (torch.div(c, -3, rounding_mode="floor"), torch.div(c, 3, rounding_mode="trunc"),
+                                       torch.div(x, -3, rounding_mode="floor"), torch.div(x, 3, rounding_mode="trunc"),
+                                       torch.div(c, 2.5, rounding_mode="floor")),
     "floor_divide": lambda x, c: (torch.floor_divide(x, 3.0), torch.floor_divide(c, 3)),
     "remainder": lambda x, c: (torch.remainder(x, 3.0), torch.remainder(c, 3), torch.remainder(c, -3)),
     "fmod": lambda x, c: (torch.fmod(x, 3.0), torch.fmod(c, 3)),
@@ -66,8 +70,7 @@ LOWERED_IMAGE = {
 
 # may run in eager (reported); the results must be torch's all the same
 ANY = {
-    "integer_true_division": lambda x, c: c / 3 + x,
-    "rounding_division": lambda x, c: (torch.div(c, -3, rounding_mode="floor"), torch.div(x, 3, rounding_mode="trunc")),
+    "integer_root": lambda x, c: c.abs() ** 0.5,
     "spectrum": lambda x, c: torch.fft.rfft(x).abs() + 1,
     "shifts": lambda x, c: c.abs() >> 1,
     "unfold_prod": lambda x, c: (x.unfold(1, 2, 2), (x / 5).prod(1)),

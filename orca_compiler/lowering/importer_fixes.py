@@ -19,6 +19,10 @@
 - `masked_fill(mask, -inf)` (attention masks): TVM lowers its full_like through topi.full, which
   fails on an infinite value ("argument of type 'PrimType' is not iterable"). Here it is
   where(mask, value, x) with the value a scalar constant.
+- `a / b` and `div(a, b, rounding_mode=...)`: TVM divided int64 tensors as integers where torch's
+  true division gives float32 (0.67 off), and made a scalar `b` a constant of its own default
+  dtype, so rounding divisions of int64 tensors failed to convert. Here both operands take the
+  dtype torch records for the result first.
 """
 from __future__ import annotations
 
@@ -99,6 +103,7 @@ class ImporterFixes:
 
         convert_map = super().create_convert_map()
         convert_map["ones_like.default"] = lambda node: self._like(node, relax.op.ones_like)
+        convert_map["div.Tensor"] = self._true_divide
         return convert_map
 
     def _masked_fill(self, node: fx.Node):
@@ -110,3 +115,37 @@ class ImporterFixes:
         dtype = str(node.meta["val"].dtype).replace("torch.", "")
         x, mask = self.env[node.args[0]], self.env[node.args[1]]
         return self.block_builder.emit(relax.op.where(mask, relax.const(value, dtype), x))
+
+    def _operands_as_result(self, node: fx.Node) -> tuple:
+        """The node's first two operands in the dtype torch records for its result (a scalar as a
+        constant of that dtype, a tensor cast where it differs)."""
+        from tvm import relax
+
+        dtype = str(node.meta["val"].dtype).replace("torch.", "")
+
+        def operand(arg):
+            if not isinstance(arg, fx.Node):
+                return relax.const(arg, dtype)
+            expr = self.env[arg]
+            if str(arg.meta["val"].dtype).replace("torch.", "") == dtype:
+                return expr
+            return self.block_builder.emit(relax.op.astype(expr, dtype))
+
+        return operand(node.args[0]), operand(node.args[1])
+
+    def _true_divide(self, node: fx.Node):
+        from tvm import relax
+
+        return self.block_builder.emit(relax.op.divide(*self._operands_as_result(node)))
+
+    def _div(self, node: fx.Node):
+        from tvm import relax
+
+        rounding = node.args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+        bb = self.block_builder
+        a, b = self._operands_as_result(node)
+        if rounding == "floor":
+            return bb.emit(relax.op.floor_divide(a, b))
+        if rounding == "trunc":  # TVM divides integers truncating already; trunc keeps them
+            return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(a, b))))
+        return bb.emit(relax.op.divide(a, b))
