@@ -34,7 +34,9 @@ LOWERED = {
     "negative_index": lambda x, c: (x[:, [-1, 0]], x[[-1, 1]], x.select(1, -2)),
     "cumprod_cumsum": lambda x, c: ((x / 5).cumprod(1), x.cumsum(0)),
     "clamp_tensor": lambda x, c: torch.clamp(x, min=torch.zeros(6), max=torch.ones(6)),
-    "max_dim": lambda x, c: torch.max(x, dim=1),
+    "max_min_dim": lambda x, c: (torch.max(x, dim=1), torch.min(x, dim=0), torch.min(x, 1, keepdim=True)),
+    "amax_amin": lambda x, c: (x.amax(1), x.amax((0, 1)), x.amin(0, keepdim=True), x.amin()),
+    "logsumexp": lambda x, c: x.logsumexp(1),
     "argmax_ties": lambda x, c: torch.zeros(4, 6).index_fill(1, torch.tensor([1, 4]), 1.0).argmax(1),
     "unary_math": lambda x, c: torch.expm1(x / 10) + torch.log1p(x.abs()) + torch.atan2(x, x.flip(0)),
     "nan_handling": lambda x, c: (torch.nan_to_num(torch.log(x)), torch.isnan(torch.sqrt(x))),
@@ -76,8 +78,6 @@ ANY = {
     "unfold_prod": lambda x, c: (x.unfold(1, 2, 2), (x / 5).prod(1)),
     "scatter_add": lambda x, c: torch.zeros_like(x).scatter_add(1, c.abs() % 6, x),
     "nearest_inexact_scale": lambda x, c: F.interpolate(x.reshape(1, 2, 3, 4), scale_factor=1.5, mode="nearest"),
-    "logsumexp": lambda x, c: x.logsumexp(1),
-    "min_dim": lambda x, c: torch.min(x, dim=0),
 }
 
 

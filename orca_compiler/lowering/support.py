@@ -29,7 +29,7 @@ _CUSTOM_CONVERTERS: dict[torch._ops.OpOverload, Callable] = {}
 
 # Modules of this package whose import registers converters for our own ops (orca_compiler.ops).
 _CONVERTER_MODULES = ("rnn_kernels", "fused_kernels", "sparse_kernels", "quant_kernels", "quant_conv_kernels",
-                      "streaming", "spilling")
+                      "streaming", "spilling", "reduction_converters")
 
 # Ops the lowering keeps on the host on purpose (place-memory's prefetch/fetch/release): never
 # handed to TVM and not reported as fallbacks. `bind(parent, source)` is called once on each
