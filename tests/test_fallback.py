@@ -152,9 +152,22 @@ def test_an_op_reading_a_complex_tensor_falls_back_alone_and_names_it():
     assert_outputs_close(model(*inputs), compiled(*inputs))
 
 
-class UpsampleNet(nn.Module):
-    """conv -> pixel_shuffle -> conv. TVM 0.27's frontend converts pixel_shuffle, but its lowering
-    calls topi.nn.pixel_shuffle, which this wheel lacks: the build fails with no node named."""
+@torch.library.custom_op("orca_test::shuffle", mutates_args=())
+def shuffle(x: torch.Tensor) -> torch.Tensor:
+    """pixel_shuffle by 2, as an op of our own: its converter below emits TVM's
+    relax.nn.pixel_shuffle, which converts but cannot lower in TVM 0.27 (its legalization calls
+    topi.nn.pixel_shuffle, which the wheel lacks): the build fails with no node named."""
+    return nn.functional.pixel_shuffle(x, 2)
+
+
+@shuffle.register_fake
+def _(x):
+    n, c, h, w = x.shape
+    return x.new_empty(n, c // 4, h * 2, w * 2)
+
+
+class ShuffleNet(nn.Module):
+    """conv -> orca_test.shuffle -> conv."""
 
     def __init__(self):
         super().__init__()
@@ -162,21 +175,31 @@ class UpsampleNet(nn.Module):
         self.b = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
-        return self.b(nn.functional.pixel_shuffle(torch.relu(self.a(x)), 2))
+        return self.b(torch.ops.orca_test.shuffle(torch.relu(self.a(x))))
 
 
 def test_an_op_tvm_cannot_lower_falls_back_alone_and_is_named():
     import tvm.topi
+    from tvm import relax
 
     if hasattr(tvm.topi.nn, "pixel_shuffle"):
-        pytest.skip("this TVM lowers pixel_shuffle: the premise of the test is gone")
-    model, inputs = UpsampleNet().eval(), _inputs()
-    compiled = oc.compile(model, inputs, cache="off")
-    [fallback] = compiled.report.fallbacks
-    assert fallback.op == "pixel_shuffle"
-    assert fallback.reason.startswith("TVM could not build %pixel_shuffle (pixel_shuffle) for llvm:")
-    assert compiled.report.partitions == 2  # the convs on either side stay TVM's
-    assert_outputs_close(model(*inputs), compiled(*inputs))
+        pytest.skip("this TVM lowers relax.nn.pixel_shuffle: the premise of the test is gone")
+
+    def convert(node, importer):
+        return importer.block_builder.emit(relax.op.nn.pixel_shuffle(importer.env[node.args[0]], 2))
+
+    op = torch.ops.orca_test.shuffle.default
+    support.register_converter(op, convert)
+    try:
+        model, inputs = ShuffleNet().eval(), _inputs()
+        compiled = oc.compile(model, inputs, cache="off")
+        [fallback] = compiled.report.fallbacks
+        assert fallback.op == "orca_test.shuffle"
+        assert fallback.reason.startswith("TVM could not build %shuffle (orca_test.shuffle) for llvm:")
+        assert compiled.report.partitions == 2  # the convs on either side stay TVM's
+        assert_outputs_close(model(*inputs), compiled(*inputs))
+    finally:
+        support.unregister_converter(op)
 
 
 def test_capture_failure_compiles_through_graph_breaks():

@@ -67,6 +67,7 @@ LOWERED_IMAGE = {
     "pools": lambda y: (F.max_pool2d(y, 3, 2, ceil_mode=True), F.avg_pool2d(y, 3, 2, padding=1, count_include_pad=False),
                         F.adaptive_avg_pool2d(y, (3, 3))),
     "reflect_pad": lambda y: F.pad(y, (1, 1, 1, 1), mode="reflect"),
+    "pixel_shuffle": lambda y: (F.pixel_shuffle(y.repeat(1, 4, 1, 1), 2), F.pixel_unshuffle(y[..., :6, :8], 2)),
     "image_statistics": lambda y: (y.std(dim=(2, 3), keepdim=True), y.var(dim=1)),
 }
 

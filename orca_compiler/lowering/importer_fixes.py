@@ -23,6 +23,9 @@
   true division gives float32 (0.67 off), and made a scalar `b` a constant of its own default
   dtype, so rounding divisions of int64 tensors failed to convert. Here both operands take the
   dtype torch records for the result first.
+- `pixel_shuffle`: TVM converts it to relax.nn.pixel_shuffle, whose lowering calls
+  topi.nn.pixel_shuffle, which this wheel lacks (the build failed). Here it is the reshape /
+  permute / reshape torch defines it by.
 """
 from __future__ import annotations
 
@@ -149,3 +152,16 @@ class ImporterFixes:
         if rounding == "trunc":  # TVM divides integers truncating already; trunc keeps them
             return bb.emit(relax.op.trunc(bb.emit(relax.op.divide(a, b))))
         return bb.emit(relax.op.divide(a, b))
+
+    def _pixel_shuffle(self, node: fx.Node):
+        """[N, C*r*r, H, W] -> [N, C, H*r, W*r], as torch: view, permute, view."""
+        from tvm import relax
+
+        bb, r = self.block_builder, node.args[1]
+        shape = node.args[0].meta["val"].shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+            return super()._pixel_shuffle(node)  # fails to build: the op then runs in eager
+        n, c, h, w = shape
+        x = bb.emit(relax.op.reshape(self.env[node.args[0]], (n, c // (r * r), r, r, h, w)))
+        x = bb.emit(relax.op.permute_dims(x, [0, 1, 4, 2, 5, 3]))
+        return bb.emit(relax.op.reshape(x, (n, c // (r * r), h * r, w * r)))
