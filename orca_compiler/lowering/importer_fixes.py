@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .low_precision import recorded_dtype
+
 
 class ImporterFixes:
     """Mixed into an ExportedProgramImporter subclass before it: the converters above."""
@@ -74,7 +76,7 @@ class ImporterFixes:
                     or value.is_floating_point() or not isinstance(sizes[axis], int)):
                 continue
             expr = self.env[index]
-            dtype = str(value.dtype).replace("torch.", "")
+            dtype = recorded_dtype(index)
             negative = relax.op.less(expr, relax.const(0, dtype))
             wrapped[index] = (expr, self.block_builder.emit(
                 relax.op.where(negative, relax.op.add(expr, relax.const(sizes[axis], dtype)), expr)))
@@ -88,7 +90,7 @@ class ImporterFixes:
 
     def _like(self, node: fx.Node, make):
         """`make(x, dtype=...)` of the node's input, with the dtype torch records for the node."""
-        dtype = str(node.meta["val"].dtype).replace("torch.", "")
+        dtype = recorded_dtype(node)
         return self.block_builder.emit(make(self.env[node.args[0]], dtype=dtype))
 
     def _zeros_like(self, node: fx.Node):
@@ -115,7 +117,7 @@ class ImporterFixes:
         value = node.args[2]
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return super()._masked_fill(node)
-        dtype = str(node.meta["val"].dtype).replace("torch.", "")
+        dtype = recorded_dtype(node)
         x, mask = self.env[node.args[0]], self.env[node.args[1]]
         return self.block_builder.emit(relax.op.where(mask, relax.const(value, dtype), x))
 
@@ -124,13 +126,13 @@ class ImporterFixes:
         constant of that dtype, a tensor cast where it differs)."""
         from tvm import relax
 
-        dtype = str(node.meta["val"].dtype).replace("torch.", "")
+        dtype = recorded_dtype(node)
 
         def operand(arg):
             if not isinstance(arg, fx.Node):
                 return relax.const(arg, dtype)
             expr = self.env[arg]
-            if str(arg.meta["val"].dtype).replace("torch.", "") == dtype:
+            if recorded_dtype(arg) == dtype:
                 return expr
             return self.block_builder.emit(relax.op.astype(expr, dtype))
 

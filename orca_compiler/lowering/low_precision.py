@@ -12,12 +12,14 @@ from __future__ import annotations
 _LOW = ("float16", "bfloat16")
 
 
-def _dtype(expr) -> str:
+def expr_dtype(expr) -> str:
+    """The dtype name of a Relax tensor expression ("float32")."""
     dtype = expr.ty.dtype
     return str(getattr(dtype, "dtype", dtype))
 
 
-def _recorded_dtype(node) -> str | None:
+def recorded_dtype(node) -> str | None:
+    """The dtype name torch records for an fx node ("float32"); None for a non-tensor value."""
     val = node.meta.get("val")
     return str(val.dtype).replace("torch.", "") if hasattr(val, "dtype") else None
 
@@ -29,7 +31,7 @@ class LowPrecisionImporter:
         args = self.retrieve_args(node)
         x, weight = args[0], args[1]
         bias = args[2] if len(args) > 2 else None
-        dtype = _dtype(x)
+        dtype = expr_dtype(x)
         if dtype not in _LOW:
             return super()._linear(node)
         from tvm import relax
@@ -50,7 +52,7 @@ class LowPrecisionImporter:
         return self._low_precision_conv(super()._conv3d_impl, x, weight, bias, *args, **kwargs)
 
     def _low_precision_conv(self, impl, x, weight, bias, *args, **kwargs):
-        dtype = _dtype(x)
+        dtype = expr_dtype(x)
         if dtype not in _LOW:
             return impl(x, weight, bias, *args, **kwargs)
         from tvm import relax
@@ -67,8 +69,8 @@ class LowPrecisionImporter:
         """A converter whose float32 result is cast to the node's recorded fp16/bf16 dtype."""
         def convert(node, *args):
             out = fn(node, *args)
-            recorded = _recorded_dtype(node)
-            if recorded in _LOW and getattr(getattr(out, "ty", None), "dtype", None) is not None and _dtype(out) == "float32":
+            recorded = recorded_dtype(node)
+            if recorded in _LOW and getattr(getattr(out, "ty", None), "dtype", None) is not None and expr_dtype(out) == "float32":
                 from tvm import relax
 
                 out = self.block_builder.emit(relax.op.astype(out, recorded))

@@ -123,12 +123,13 @@ def _check_result_type(node: fx.Node, result) -> None:
     """Raise LoweringError (naming `node`, which then runs in eager) where TVM's converter gave a
     tensor of another dtype or static shape than torch records for the node: the importer's type
     rules are not torch's everywhere (int64 / 3 came out int64, where torch gives float32)."""
+    from .low_precision import expr_dtype, recorded_dtype
+
     value = node.meta.get("val")
     ty = getattr(result, "ty", None)
-    if not isinstance(value, torch.Tensor) or ty is None or not hasattr(ty, "dtype") or ty.dtype is None:
+    if not isinstance(value, torch.Tensor) or getattr(ty, "dtype", None) is None:
         return
-    tvm_dtype = str(ty.dtype.dtype if hasattr(ty.dtype, "dtype") else ty.dtype)
-    torch_dtype = str(value.dtype).replace("torch.", "")
+    tvm_dtype, torch_dtype = expr_dtype(result), recorded_dtype(node)
     if tvm_dtype and tvm_dtype != torch_dtype:
         error = LoweringError(f"TVM's converter for %{node.name} ({op_name(node)}) gives {tvm_dtype}, "
                               f"where torch gives {torch_dtype}")
